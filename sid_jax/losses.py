@@ -1,0 +1,159 @@
+"""Pure SiD loss functions, written against the denoiser interface (spec §2, §3, §7.3).
+
+Every loss takes *bound* denoisers `D(x, sigma, labels) -> x0_hat` (parameters already applied,
+see `denoisers.bind`), the images it acts on and the random draws it needs as explicit arrays, and
+returns `(scalar_loss, aux)`. The scalar is reduced exactly as the official training loop does:
+the per-element loss is summed over the pixels of each sample, summed over the samples given, then
+multiplied by `loss_scale / batch_size` where `batch_size` is the *global* batch. Summing the
+results of several micro-batches (and devices) therefore gives the official loss.
+
+Deviation from the official code (on purpose): samples with a non-finite value are *masked*
+(weight 0, inputs replaced by 0 before the loss — the "double where") instead of dropped by
+boolean indexing, so shapes stay static. The normaliser stays the global batch, as in the
+official code, so the values are identical.
+
+With `use_logvar` the fake denoiser returns `(D, logvar)` (EDM2's learned uncertainty u(sigma))
+and the EDM2 variants of the losses are used.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+BoundDenoiser = Callable[..., Array]
+
+
+def karras_sigma(t: Array, sigma_min: float, sigma_max: float, rho: float) -> Array:
+  """The rho-ramp of Karras et al.: t = 0 gives sigma_min, t = 1 gives sigma_max."""
+  a = sigma_max**(1.0 / rho)
+  b = sigma_min**(1.0 / rho)
+  return (a + (1.0 - t) * (b - a))**rho
+
+
+def tmax_sigma(u: Array, tmax: float, sigma_min: float, sigma_max: float, rho: float) -> Array:
+  """SiD's generator-loss noise levels: t = u * tmax / 1000 on the rho-ramp, u ~ U[0, 1)."""
+  return karras_sigma(u * (tmax / 1000.0), sigma_min, sigma_max, rho)
+
+
+def lognormal_sigma(rn: Array, p_mean: float, p_std: float) -> Array:
+  """EDM's training noise levels: ln sigma ~ N(p_mean, p_std^2), rn ~ N(0, 1)."""
+  return jnp.exp(rn * p_std + p_mean)
+
+
+def edm_weight(sigma: Array, sigma_data: float) -> Array:
+  """lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2."""
+  return (sigma**2 + sigma_data**2) / (sigma * sigma_data)**2
+
+
+def _pixel_axes(x: Array) -> tuple[int, ...]:
+  return tuple(range(1, x.ndim))
+
+
+def finite_mask(*arrays: Array) -> Array:
+  """[B] bool: True for samples whose every value in every array is finite."""
+  mask = None
+  for a in arrays:
+    m = jnp.all(jnp.isfinite(a), axis=_pixel_axes(a)) if a.ndim > 1 else jnp.isfinite(a)
+    mask = m if mask is None else mask & m
+  return mask
+
+
+def _where_sample(mask: Array, x: Array) -> Array:
+  return jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x))
+
+
+def _split_logvar(out, use_logvar: bool):
+  if use_logvar:
+    d, logvar = out
+    return d, logvar.reshape(d.shape[0], *([1] * (d.ndim - 1)))
+  return out, None
+
+
+def dsm_loss(denoiser: BoundDenoiser,
+             y: Array,
+             labels: Array | None,
+             rn: Array,
+             noise: Array,
+             *,
+             p_mean: float,
+             p_std: float,
+             sigma_data: float,
+             loss_scale: float,
+             batch_size: int,
+             aug_labels: Array | None = None,
+             use_logvar: bool = False):
+  """EDM denoising score matching (the fake-score loss, spec §2 / §7.3).
+
+  Args:
+    denoiser: D_psi(x, sigma, labels[, aug_labels=...]) -> x0_hat (or (x0_hat, logvar)).
+    y: clean images [B, H, W, C] (generator samples, already stop-gradient, maybe augmented).
+    rn: standard normal [B] for ln sigma.  noise: standard normal like y (n = sigma * noise).
+  """
+  sigma = lognormal_sigma(rn, p_mean, p_std).reshape((-1,) + (1,) * (y.ndim - 1))
+  weight = edm_weight(sigma, sigma_data)
+  kwargs = {} if aug_labels is None else {"aug_labels": aug_labels}
+  out = denoiser(y + sigma * noise, sigma, labels, **kwargs)
+  y_hat, logvar = _split_logvar(out, use_logvar)
+  mask = finite_mask(y, y_hat, *([logvar] if use_logvar else []))
+  y, y_hat = _where_sample(mask, y), _where_sample(mask, y_hat)
+  per_elem = weight * (y_hat - y)**2
+  if use_logvar:
+    logvar = _where_sample(mask, logvar)
+    per_elem = per_elem / jnp.exp(logvar) + logvar
+  per_sample = jnp.sum(per_elem, axis=_pixel_axes(y)) * mask
+  loss = loss_scale * jnp.sum(per_sample) / batch_size
+  return loss, {"per_sample": per_sample, "valid": mask, "sigma": sigma.reshape(-1)}
+
+
+def sid_generator_loss(true_denoiser: BoundDenoiser,
+                       fake_denoiser: BoundDenoiser,
+                       x_g: Array,
+                       labels: Array | None,
+                       u: Array,
+                       noise: Array,
+                       *,
+                       alpha: float,
+                       tmax: float,
+                       sigma_min: float,
+                       sigma_max: float,
+                       rho: float,
+                       loss_scale: float,
+                       batch_size: int,
+                       use_logvar: bool = False):
+  """The SiD generator loss (spec §3.2; EDM2 variant §7.3 with `use_logvar`).
+
+  Per element: (y_r - y_f) * ((y_r - x_g) - alpha (y_r - y_f)) / w_b with
+  w_b = stopgrad(max(mean_pix |x_g - y_r|, 1e-5)) in float32, y_r the teacher's and y_f the fake
+  score's prediction at the shared noisy input x_g + sigma * noise. Nothing else is detached:
+  gradients reach x_g directly and through both denoisers' inputs.
+
+  Args:
+    u: uniform [B] in [0, 1) for the noise level (t = u tmax / 1000 on the rho-ramp).
+    noise: standard normal like x_g.
+  """
+  sigma = tmax_sigma(u, tmax, sigma_min, sigma_max, rho).reshape((-1,) + (1,) * (x_g.ndim - 1))
+  x_t = x_g + sigma * noise
+  y_r = true_denoiser(x_t, sigma, labels)
+  y_f, logvar = _split_logvar(fake_denoiser(x_t, sigma, labels), use_logvar)
+  mask = finite_mask(x_g, y_r, y_f, *([logvar] if use_logvar else []))
+  x_g, y_r, y_f = (_where_sample(mask, a) for a in (x_g, y_r, y_f))
+  axes = _pixel_axes(x_g)
+  w_b = jnp.mean(jnp.abs(x_g.astype(jnp.float32) - y_r.astype(jnp.float32)), axis=axes,
+                 keepdims=True)
+  w_b = jax.lax.stop_gradient(jnp.maximum(w_b, 1e-5)).astype(x_g.dtype)
+  diff = y_r - y_f
+  per_elem = diff * ((y_r - x_g) - alpha * diff) / w_b
+  if use_logvar:
+    per_elem = per_elem / jnp.exp(_where_sample(mask, logvar))
+  per_sample = jnp.sum(per_elem, axis=axes) * mask
+  loss = loss_scale * jnp.sum(per_sample) / batch_size
+  return loss, {
+      "per_sample": per_sample,
+      "valid": mask,
+      "sigma": sigma.reshape(-1),
+      "w_b": w_b.reshape(-1),
+  }

@@ -1,0 +1,15 @@
+"""Test setup: 8 fake CPU devices, so sharding is exercised without accelerators.
+
+The flag must be set before jax initialises its backends, i.e. before any test module imports jax.
+"""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_threefry_partitionable", True)

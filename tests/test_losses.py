@@ -1,0 +1,150 @@
+"""SiD losses against the reference values of spec §11.3 (official functions, float64)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sid_jax import denoisers, losses
+
+SIGMA_DATA = 0.5
+W, W_D = 0.9, 1.5
+SID_RAMP = dict(tmax=800.0, sigma_min=0.002, sigma_max=80.0, rho=7.0)
+
+
+@pytest.fixture(autouse=True)
+def x64():
+  jax.config.update("jax_enable_x64", True)
+  yield
+  jax.config.update("jax_enable_x64", False)
+
+
+def _arrays():
+  """The spec's deterministic draws, built NCHW and returned NHWC (our layout)."""
+  k = np.arange(2 * 3 * 4 * 4, dtype=np.float64).reshape(2, 3, 4, 4)
+  nhwc = lambda a: jnp.asarray(np.transpose(a, (0, 2, 3, 1)))
+  x = nhwc(0.8 * np.sin(0.7 * k + 0.3))
+  eps = nhwc(1.1 * np.cos(1.3 * k + 0.1))
+  u = jnp.asarray([0.25, 0.9])
+  rn = jnp.asarray([-0.5, 1.0])
+  return x, eps, u, rn
+
+
+def _coeffs(sigma):
+  return denoisers.EDMPreconditioning(SIGMA_DATA).coefficients(sigma)
+
+
+def teacher(x, sigma, labels=None):
+  c_skip, c_out, c_in, _ = _coeffs(sigma)
+  return c_skip * x + c_out * jnp.tanh(c_in * x)
+
+
+def make_fake(w, use_logvar=False):
+
+  def fake(x, sigma, labels=None):
+    c_skip, c_out, c_in, _ = _coeffs(sigma)
+    d = c_skip * x + c_out * w * jnp.tanh(c_in * x + 0.1)
+    if use_logvar:
+      return d, -0.2 + 0.1 * jnp.log(sigma)
+    return d
+
+  return fake
+
+
+def test_sigma_ramp_reference_points():
+  t = jnp.asarray([0.0, 0.2, 0.4, 0.5, 0.6, 0.8])
+  got = losses.karras_sigma(t, 0.002, 80.0, 7.0)
+  np.testing.assert_allclose(got, [0.002, 0.0851, 0.965, 2.515, 5.839, 24.408], rtol=2e-3)
+  _, _, u, _ = _arrays()
+  np.testing.assert_allclose(losses.tmax_sigma(u, **SID_RAMP), [0.0850872, 14.258019], rtol=1e-6)
+
+
+@pytest.mark.parametrize("use_logvar,alpha,value,grad_sum,grad_sq", [
+    (False, 1.2, 35.315764450, 127.59279460, 856.48923585),
+    (True, 1.0, 41.331447968, 117.73319569, None),
+])
+def test_sid_generator_loss_reference(use_logvar, alpha, value, grad_sum, grad_sq):
+  x, eps, u, _ = _arrays()
+
+  def f(x):
+    loss, _ = losses.sid_generator_loss(teacher, make_fake(W, use_logvar), x, None, u, eps,
+                                        alpha=alpha, loss_scale=100.0, batch_size=2,
+                                        use_logvar=use_logvar, **SID_RAMP)
+    return loss
+
+  loss, grad = jax.value_and_grad(f)(x)
+  np.testing.assert_allclose(loss, value, rtol=1e-6)
+  np.testing.assert_allclose(jnp.sum(grad), grad_sum, rtol=1e-6)
+  if grad_sq is not None:
+    np.testing.assert_allclose(jnp.sum(grad**2), grad_sq, rtol=1e-6)
+
+
+@pytest.mark.parametrize("use_logvar,p_mean,p_std,value,grad_w", [
+    (False, -1.2, 1.2, 43.326952474, 20.706413341),
+    (True, -0.4, 1.0, 49.008635298, 18.727777666),
+])
+def test_dsm_loss_reference(use_logvar, p_mean, p_std, value, grad_w):
+  x, eps, _, rn = _arrays()
+
+  def f(w):
+    loss, _ = losses.dsm_loss(make_fake(w, use_logvar), x, None, rn, eps, p_mean=p_mean,
+                              p_std=p_std, sigma_data=SIGMA_DATA, loss_scale=1.0, batch_size=2,
+                              use_logvar=use_logvar)
+    return loss
+
+  loss, g = jax.value_and_grad(f)(jnp.asarray(W))
+  np.testing.assert_allclose(loss, value, rtol=1e-6)
+  np.testing.assert_allclose(g, grad_w, rtol=1e-6)
+
+
+def test_float32_matches_reference_loosely():
+  """The same loss in float32 lands within the spec's float32 tolerance (1e-4)."""
+  x, eps, u, _ = (a.astype(jnp.float32) for a in _arrays())
+  loss, _ = losses.sid_generator_loss(teacher, make_fake(jnp.float32(W)), x, None, u, eps,
+                                      alpha=1.2, loss_scale=100.0, batch_size=2, **SID_RAMP)
+  assert loss.dtype == jnp.float32
+  np.testing.assert_allclose(loss, 35.315764450, rtol=1e-4)
+
+
+def test_generator_gradient_flows_through_both_denoisers_inputs():
+  """Detaching y_r / y_f (a common porting mistake) changes the gradient the reference fixes."""
+  x, eps, u, _ = _arrays()
+  kw = dict(alpha=1.2, loss_scale=100.0, batch_size=2, **SID_RAMP)
+
+  def full(x):
+    return losses.sid_generator_loss(teacher, make_fake(W), x, None, u, eps, **kw)[0]
+
+  def detached(x):
+    sg = lambda fn: (lambda *a: jax.lax.stop_gradient(fn(*a)))
+    return losses.sid_generator_loss(sg(teacher), sg(make_fake(W)), x, None, u, eps, **kw)[0]
+
+  g_full, g_det = jax.grad(full)(x), jax.grad(detached)(x)
+  assert float(jnp.max(jnp.abs(g_full - g_det))) > 1e-3
+
+
+def test_nan_sample_is_masked_with_global_normaliser():
+  """A sample whose teacher output is NaN contributes 0; the other keeps its value / B_global."""
+  x, eps, u, _ = _arrays()
+  kw = dict(alpha=1.2, loss_scale=100.0, batch_size=2, **SID_RAMP)
+
+  def bad_teacher(x, sigma, labels=None):
+    d = teacher(x, sigma)
+    return d.at[0].set(jnp.nan)
+
+  loss, aux = losses.sid_generator_loss(bad_teacher, make_fake(W), x, None, u, eps, **kw)
+  _, aux_ok = losses.sid_generator_loss(teacher, make_fake(W), x, None, u, eps, **kw)
+  assert np.isfinite(loss)
+  np.testing.assert_array_equal(aux["valid"], [False, True])
+  np.testing.assert_allclose(loss, 100.0 * aux_ok["per_sample"][1] / 2, rtol=1e-12)
+  grad = jax.grad(
+      lambda x: losses.sid_generator_loss(bad_teacher, make_fake(W), x, None, u, eps, **kw)[0])(x)
+  assert np.all(np.isfinite(np.asarray(grad[1])))
+
+  def nan_fake(y_noisy, sigma, labels=None):
+    return make_fake(W)(y_noisy, sigma).at[1].set(jnp.inf)
+
+  x, eps, _, rn = _arrays()
+  dl, daux = losses.dsm_loss(nan_fake, x, None, rn, eps, p_mean=-1.2, p_std=1.2,
+                             sigma_data=SIGMA_DATA, loss_scale=1.0, batch_size=2)
+  np.testing.assert_array_equal(daux["valid"], [True, False])
+  np.testing.assert_allclose(dl, daux["per_sample"][0] / 2, rtol=1e-12)
