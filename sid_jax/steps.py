@@ -1,0 +1,262 @@
+"""Pure SiD update steps: fake-score step, generator step, EMA (spec §4).
+
+One iteration = one fake-score (psi) update on fresh generator samples, then one generator
+(theta) update with fresh draws, then the EMA of the generator. Every random array is drawn
+inside the step with its *global* shape from `fold_in(key, step)`, so the numbers do not depend
+on how many devices share the batch. A global batch is processed as `num_micro` micro-batches
+under `lax.scan` (gradient accumulation); each micro-batch's loss is already normalised by the
+global batch, so the accumulated gradient is the official one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+
+from sid_jax import losses
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class SiDState:
+  step: Array  # iterations done (int32)
+  generator: Any
+  generator_ema: Any
+  fake_score: Any
+  generator_opt: Any
+  fake_opt: Any
+  nonfinite_streak: Array  # consecutive iterations with a non-finite loss or gradient
+
+
+@dataclasses.dataclass(frozen=True)
+class SiDHyper:
+  """The method's hyper-parameters (spec §8 'common to all')."""
+  alpha: float = 1.2
+  sigma_init: float = 2.5
+  tmax: float = 800.0
+  sigma_min: float = 0.002
+  sigma_max: float = 80.0
+  rho: float = 7.0
+  p_mean: float = -1.2
+  p_std: float = 1.2
+  sigma_data: float = 0.5
+  gen_loss_scale: float = 100.0
+  fake_loss_scale: float = 1.0
+  use_logvar: bool = False
+  ema_halflife_kimg: float = 500.0
+  ema_rampup: float | None = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class SiDSetup:
+  """Everything static about a distillation run: networks, shapes, optimisers, layout."""
+  teacher: Callable
+  generator: Callable
+  fake_score: Callable
+  image_shape: tuple[int, int, int]  # H, W, C
+  label_dim: int
+  global_batch: int
+  micro_batch: int
+  hyper: SiDHyper
+  generator_tx: optax.GradientTransformation
+  fake_tx: optax.GradientTransformation
+  # Layout of per-sample draws [num_micro, micro_batch, ...]; None outside a mesh.
+  draw_sharding: NamedSharding | None = None
+  # Optional augmentation of generator samples in the fake-score loss: (key, x) -> (y, aug_labels).
+  augment: Callable | None = None
+
+  @property
+  def num_micro(self) -> int:
+    return self.global_batch // self.micro_batch
+
+
+def init_state(setup: SiDSetup, generator_params, fake_params) -> SiDState:
+  return SiDState(
+      step=jnp.zeros([], jnp.int32),
+      generator=generator_params,
+      generator_ema=jax.tree.map(jnp.copy, generator_params),
+      fake_score=fake_params,
+      generator_opt=setup.generator_tx.init(generator_params),
+      fake_opt=setup.fake_tx.init(fake_params),
+      nonfinite_streak=jnp.zeros([], jnp.int32),
+  )
+
+
+# ---------------------------------------------------------------------------------------------
+# Random draws with global shapes.
+# ---------------------------------------------------------------------------------------------
+
+
+def _constrain(setup: SiDSetup, x: Array) -> Array:
+  if setup.draw_sharding is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, setup.draw_sharding)
+
+
+def draw_labels(setup: SiDSetup, key: Array, shape: tuple[int, ...]) -> Array | None:
+  """Uniform class labels as one-hot float rows (None for an unconditional run)."""
+  if setup.label_dim == 0:
+    return None
+  idx = jax.random.randint(key, shape, 0, setup.label_dim)
+  return jax.nn.one_hot(idx, setup.label_dim, dtype=jnp.float32)
+
+
+def _draws(setup: SiDSetup, key: Array, per_sample: str) -> dict[str, Array]:
+  """z, labels, per-sample scalar ('u' uniform or 'rn' normal) and noise for every micro-batch."""
+  lead = (setup.num_micro, setup.micro_batch)
+  kz, kl, ks, kn = jax.random.split(key, 4)
+  img = lead + tuple(setup.image_shape)
+  out = {
+      "z": jax.random.normal(kz, img, jnp.float32),
+      "noise": jax.random.normal(kn, img, jnp.float32),
+      per_sample: (jax.random.uniform(ks, lead, jnp.float32)
+                   if per_sample == "u" else jax.random.normal(ks, lead, jnp.float32)),
+  }
+  labels = draw_labels(setup, kl, lead)
+  if labels is not None:
+    out["labels"] = labels
+  return {k: _constrain(setup, v) for k, v in out.items()}
+
+
+def _accumulate(loss_fn, params, draws: dict[str, Array], num_micro: int):
+  """Sums value_and_grad of loss_fn(params, micro_draws, index) over the micro-batches."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def body(carry, inputs):
+    loss_sum, grad_sum, valid = carry
+    micro, index = inputs
+    (loss, aux), grads = grad_fn(params, micro, index)
+    grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+    return (loss_sum + loss, grad_sum, valid + jnp.sum(aux["valid"])), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  init = (jnp.zeros([], jnp.float32), zeros, jnp.zeros([], jnp.int32))
+  (loss, grads, valid), _ = jax.lax.scan(body, init, (draws, jnp.arange(num_micro)))
+  return loss, grads, valid
+
+
+def _generate(setup: SiDSetup, params, z: Array, labels, *, train=False, rng=None) -> Array:
+  sigma = setup.hyper.sigma_init
+  return setup.generator(params, sigma * z, jnp.full((z.shape[0],), sigma, jnp.float32), labels,
+                         train=train, rng=rng)
+
+
+def _apply_updates(tx, params, opt_state, grads):
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+# ---------------------------------------------------------------------------------------------
+# The two updates and the EMA.
+# ---------------------------------------------------------------------------------------------
+
+
+def fake_score_step(setup: SiDSetup, state: SiDState, key: Array):
+  """One psi update with the EDM DSM loss on (stop-gradient) generator samples (spec §2)."""
+  h = setup.hyper
+  k_draw, k_drop, k_aug = jax.random.split(key, 3)
+  draws = _draws(setup, k_draw, "rn")
+
+  def loss_fn(psi, d, index):
+    labels = d.get("labels")
+    x_g = jax.lax.stop_gradient(_generate(setup, state.generator, d["z"], labels))
+    aug_labels = None
+    if setup.augment is not None:
+      x_g, aug_labels = setup.augment(jax.random.fold_in(k_aug, index), x_g)
+    rng = jax.random.fold_in(k_drop, index)
+    fake = functools.partial(setup.fake_score, psi, train=True, rng=rng,
+                             **({"return_logvar": True} if h.use_logvar else {}))
+    return losses.dsm_loss(fake, x_g, labels, d["rn"], d["noise"], p_mean=h.p_mean,
+                           p_std=h.p_std, sigma_data=h.sigma_data, loss_scale=h.fake_loss_scale,
+                           batch_size=setup.global_batch, aug_labels=aug_labels,
+                           use_logvar=h.use_logvar)
+
+  loss, grads, valid = _accumulate(loss_fn, state.fake_score, draws, setup.num_micro)
+  grad_norm = optax.tree.norm(grads)
+  params, opt_state = _apply_updates(setup.fake_tx, state.fake_score, state.fake_opt, grads)
+  state = state.replace(fake_score=params, fake_opt=opt_state)
+  metrics = {
+      "fake_loss": loss,
+      "fake_grad_norm": grad_norm,
+      "fake_valid_fraction": valid / setup.global_batch,
+  }
+  return state, metrics
+
+
+def generator_step(setup: SiDSetup, state: SiDState, teacher_params, key: Array):
+  """One theta update with the SiD generator loss (spec §3); G in train mode, psi frozen."""
+  h = setup.hyper
+  k_draw, k_drop = jax.random.split(key)
+  draws = _draws(setup, k_draw, "u")
+  teacher = functools.partial(setup.teacher, teacher_params)
+  fake_kwargs = {"return_logvar": True} if h.use_logvar else {}
+  fake = functools.partial(setup.fake_score, state.fake_score, **fake_kwargs)
+
+  def loss_fn(theta, d, index):
+    labels = d.get("labels")
+    rng = jax.random.fold_in(k_drop, index)
+    x_g = _generate(setup, theta, d["z"], labels, train=True, rng=rng)
+    return losses.sid_generator_loss(
+        teacher, fake, x_g, labels, d["u"],
+        d["noise"], alpha=h.alpha, tmax=h.tmax, sigma_min=h.sigma_min, sigma_max=h.sigma_max,
+        rho=h.rho, loss_scale=h.gen_loss_scale, batch_size=setup.global_batch,
+        use_logvar=h.use_logvar)
+
+  loss, grads, valid = _accumulate(loss_fn, state.generator, draws, setup.num_micro)
+  grad_norm = optax.tree.norm(grads)
+  params, opt_state = _apply_updates(setup.generator_tx, state.generator, state.generator_opt,
+                                     grads)
+  state = state.replace(generator=params, generator_opt=opt_state)
+  metrics = {
+      "gen_loss": loss,
+      "gen_grad_norm": grad_norm,
+      "gen_valid_fraction": valid / setup.global_batch,
+  }
+  return state, metrics
+
+
+def ema_beta(setup: SiDSetup, step: Array) -> Array:
+  """beta = 0.5^(batch / halflife), halflife = min(ema_kimg * 1000, cur_nimg * rampup) (§4.4)."""
+  h = setup.hyper
+  cur_nimg = step.astype(jnp.float32) * setup.global_batch
+  halflife = jnp.float32(h.ema_halflife_kimg * 1000.0)
+  if h.ema_rampup is not None:
+    halflife = jnp.minimum(halflife, cur_nimg * h.ema_rampup)
+  return 0.5**(setup.global_batch / jnp.maximum(halflife, 1e-8))
+
+
+def ema_step(setup: SiDSetup, state: SiDState) -> SiDState:
+  beta = ema_beta(setup, state.step)
+  ema = jax.tree.map(lambda e, p: (beta * e + (1 - beta) * p).astype(e.dtype), state.generator_ema,
+                     state.generator)
+  return state.replace(generator_ema=ema)
+
+
+def train_step(setup: SiDSetup, state: SiDState, teacher_params, base_key: Array):
+  """One SiD iteration: psi step, theta step, EMA. Keys come from fold_in(base_key, step)."""
+  key = jax.random.fold_in(base_key, state.step)
+  k_fake, k_gen = jax.random.split(key)
+  state, fake_metrics = fake_score_step(setup, state, k_fake)
+  state, gen_metrics = generator_step(setup, state, teacher_params, k_gen)
+  state = ema_step(setup, state)
+  metrics = {**fake_metrics, **gen_metrics}
+  bad = ~(jnp.isfinite(metrics["fake_loss"]) & jnp.isfinite(metrics["gen_loss"]) &
+          jnp.isfinite(metrics["fake_grad_norm"]) & jnp.isfinite(metrics["gen_grad_norm"]) &
+          (metrics["fake_valid_fraction"] > 0) & (metrics["gen_valid_fraction"] > 0))
+  streak = jnp.where(bad, state.nonfinite_streak + 1, 0).astype(jnp.int32)
+  state = state.replace(step=state.step + 1, nonfinite_streak=streak)
+  metrics["nonfinite_streak"] = streak
+  return state, metrics
+
+
+def sample_generator(setup: SiDSetup, params, z: Array, labels: Array | None) -> Array:
+  """One-step samples x = G(sigma_init z; sigma_init, labels) in eval mode."""
+  return _generate(setup, params, z, labels)
