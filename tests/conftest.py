@@ -3,6 +3,7 @@
 The flag must be set before jax initialises its backends, i.e. before any test module imports jax.
 """
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -13,3 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
+# Tests compile the same tiny programs many times (e.g. a run, then its resumption): share them.
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(tempfile.gettempdir(), "sid_jax_test_compilation_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

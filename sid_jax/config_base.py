@@ -1,0 +1,122 @@
+"""Defaults shared by every config file, and the `:arg` parser.
+
+A config file in `configs/` defines `get_config(arg)`; `arg` is the text after the colon in
+`--config=configs/NAME.py:ARG`, a comma-separated list of `key=value` pairs or bare flags
+(`tiny` means `tiny=True`). Every real config has a `tiny` variant that runs on a CPU in seconds.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults):
+  """'tiny,alpha=1.0' -> ConfigDict(tiny=True, alpha=1.0) over the given defaults (typed)."""
+  out = dict(defaults)
+  for part in (arg or "").split(","):
+    part = part.strip()
+    if not part:
+      continue
+    key, sep, value = part.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f"Unknown config argument {key!r}; this config accepts {sorted(defaults)}.")
+    if not sep:
+      out[key] = True
+      continue
+    kind = type(defaults[key])
+    if kind is bool:
+      if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+        raise ValueError(f"Config argument {key}={value!r} is not a boolean.")
+      out[key] = value.lower() in ("1", "true", "yes")
+    elif defaults[key] is None:
+      out[key] = value
+    else:
+      out[key] = kind(value)
+  return ml_collections.ConfigDict(out)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every setting the distillation job reads, with the paper's common values (spec §8)."""
+  c = ml_collections.ConfigDict()
+  c.job = "distill"  # distill | train_teacher
+  c.method = "sid"
+  c.seed = 0
+
+  # The images the generator makes. label_dim 0 = unconditional.
+  c.data = ml_collections.ConfigDict()
+  c.data.resolution = 32
+  c.data.channels = 3
+  c.data.label_dim = 0
+
+  # The teacher: an analytic mixture ('gmm') or a converted network checkpoint ('network').
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.type = "gmm"
+  c.teacher.checkpoint = ""  # directory written by `python -m sid_jax.convert` (type 'network')
+  c.teacher.gmm = ml_collections.ConfigDict()
+  c.teacher.gmm.num_components = 10
+  c.teacher.gmm.std = 0.1
+  c.teacher.gmm.seed = 0
+  c.teacher.gmm.mean_scale = 0.7
+
+  # Architecture of generator and fake score when they are not copies of a network teacher.
+  c.model = ml_collections.ConfigDict()
+  # A network spec (see sid_jax/models.py): an official precond class and its constructor
+  # kwargs; img_resolution, img_channels and label_dim are filled in from config.data.
+  c.model.init_from = "scratch"  # scratch | teacher
+  c.model.class_name = "EDMPrecond"
+  c.model.kwargs = ml_collections.ConfigDict({"model_type": "SongUNet"})
+
+  c.sid = ml_collections.ConfigDict()
+  c.sid.alpha = 1.2
+  c.sid.sigma_init = 2.5
+  c.sid.tmax = 800.0
+  c.sid.sigma_min = 0.002
+  c.sid.sigma_max = 80.0
+  c.sid.rho = 7.0
+  c.sid.p_mean = -1.2
+  c.sid.p_std = 1.2
+  c.sid.sigma_data = 0.5
+  c.sid.gen_loss_scale = 100.0
+  c.sid.fake_loss_scale = 1.0
+  c.sid.use_logvar = False
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.fake_lr = 1e-5
+  c.optim.gen_lr = 1e-5
+  c.optim.fake_b1 = 0.0
+  c.optim.gen_b1 = 0.0
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.fake_clip_value = ml_collections.config_dict.placeholder(float)
+
+  c.ema = ml_collections.ConfigDict()
+  c.ema.halflife_kimg = 500.0
+  c.ema.rampup = 0.05
+
+  c.training = ml_collections.ConfigDict()
+  c.training.global_batch = 256
+  c.training.micro_batch = 256
+  c.training.num_steps = 1000
+  c.training.max_nonfinite_steps = 10
+
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 500
+  c.checkpoint.keep = 3
+  c.checkpoint.async_save = True
+
+  c.log = ml_collections.ConfigDict()
+  c.log.every_steps = 50
+  c.log.progress_every_secs = 30.0
+  c.log.sample_every_steps = 1000
+  c.log.grid_columns = 8
+
+  # In-loop evaluation of the EMA generator (fixed randomness, comparable across steps).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 1000
+  c.eval.num_samples = 2048
+  c.eval.batch = 256
+  c.eval.seed = 12345
+  return c

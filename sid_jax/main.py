@@ -1,0 +1,43 @@
+"""The single entry point: python -m sid_jax.main --config=configs/NAME.py[:ARG] --workdir=DIR.
+
+Any setting can be overridden on the command line, e.g. --config.training.num_steps=100.
+On multi-host runs set SID_JAX_DISTRIBUTED=1 (or launch under a cluster that jax.distributed
+auto-detects: Cloud TPU, SLURM, Open MPI) so every process joins one jax.distributed job.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+JOBS = ("distill",)
+
+
+def _init_distributed():
+  import jax  # pylint: disable=g-import-not-at-top
+  if os.environ.get("SID_JAX_DISTRIBUTED", "0") == "1":
+    jax.distributed.initialize()
+    logging.info("jax.distributed: process %d of %d.", jax.process_index(), jax.process_count())
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  if config.job not in JOBS:
+    raise app.UsageError(f"config.job={config.job!r} is not one of {JOBS}.")
+  _init_distributed()
+  from sid_jax import train  # pylint: disable=g-import-not-at-top
+  summary = train.distill(config, _WORKDIR.value)
+  print(f"[sid_jax] {summary['status']} at step {summary['step']}; workdir {summary['workdir']}")
+  for key in ("initial_eval", "final_eval"):
+    if summary.get(key):
+      print(f"[sid_jax] {key}: " + ", ".join(f"{k}={v:.4g}" for k, v in summary[key].items()))
+
+
+if __name__ == "__main__":
+  app.run(main)
