@@ -18,6 +18,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 JOBS = ("distill",)
 
 
+class _QuietLibraries:
+  """Drops INFO records of chatty libraries (Orbax logs ~20 lines per checkpoint)."""
+  NOISY = (os.sep + "orbax" + os.sep,)
+
+  def filter(self, record):
+    return record.levelno >= 30 or not any(n in record.pathname for n in self.NOISY)
+
+
 def _init_distributed():
   import jax  # pylint: disable=g-import-not-at-top
   if os.environ.get("SID_JAX_DISTRIBUTED", "0") == "1":
@@ -27,6 +35,7 @@ def _init_distributed():
 
 def main(argv):
   del argv
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   config = _CONFIG.value
   if config.job not in JOBS:
     raise app.UsageError(f"config.job={config.job!r} is not one of {JOBS}.")
