@@ -1,0 +1,284 @@
+"""The work behind `python -m sid_jax.convert`: official weights -> a sid_jax network checkpoint.
+
+`convert()` reads a source (an official pickle, a torch `state_dict` file or an npz of torch
+names), builds the network spec `{'class_name', 'kwargs'}`, builds the denoiser with
+`models.build_denoiser`, converts the weights with the strict converter of the family
+(`edm_params` / `edm2_params`) and writes `checkpoints.save_network(dst, params, spec)`, plus a
+`source.json` that records where the weights came from. Every problem a user can cause raises
+`ConversionError` (or FileNotFoundError, or the converter's ValueError naming the keys).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from sid_jax import checkpoints, models
+from sid_jax.convert import edm2_params, edm_params, pickles
+
+SOURCE_RECORD = "source.json"
+PICKLE_EXTENSIONS = (".pkl", ".pickle")
+TORCH_EXTENSIONS = (".pt", ".pth")
+NPZ_EXTENSIONS = (".npz",)
+
+FAMILIES = {
+    "edm": (models.EDM_CLASSES, edm_params.torch_state_dict_to_flax),
+    "edm2": (models.EDM2_CLASSES, edm2_params.torch_state_dict_to_flax),
+}
+
+
+class ConversionError(ValueError):
+  """A source that cannot be converted as asked; the message says what to change."""
+
+
+@dataclasses.dataclass
+class Summary:
+  """What `convert` did."""
+  class_name: str
+  model_type: str | None
+  num_params: int
+  src: str
+  src_sha256: str
+  key: str | None
+  dst: str
+
+  def lines(self) -> list[str]:
+    name = self.class_name + (f" ({self.model_type})" if self.model_type else "")
+    where = self.src + (f" [{self.key!r}]" if self.key else "")
+    return [
+        f"converted {name} from {where}",
+        f"  parameters:    {self.num_params:,}",
+        f"  source sha256: {self.src_sha256}",
+        f"  written to:    {self.dst}",
+        f"  use it with:   --config.teacher.type=network --config.teacher.checkpoint={self.dst}",
+    ]
+
+
+def sha256_file(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Specs.
+# ---------------------------------------------------------------------------------------------
+
+
+def _json_value(value: Any, where: str) -> Any:
+  """`value` as plain JSON data (numpy scalars -> Python numbers); raises naming `where`."""
+  if value is None or isinstance(value, (bool, str)):
+    return value
+  if isinstance(value, (int, float)):
+    return value
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  if isinstance(value, Mapping):
+    out = {}
+    for k, v in value.items():
+      if not isinstance(k, str):
+        raise ConversionError(f"{where} has a non-string key {k!r}.")
+      out[k] = _json_value(v, f"{where}[{k!r}]")
+    return out
+  if isinstance(value, (list, tuple)):
+    return [_json_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+  raise ConversionError(f"{where} is a {type(value).__name__} ({value!r}), which a network spec "
+                        "cannot hold.")
+
+
+def spec_from_record(record: pickles.PickledObject) -> dict:
+  """The network spec of a pickled persistent network: its class name and constructor kwargs."""
+  name = record.class_name
+  if record.init_args:
+    raise ConversionError(
+        f"{name} was constructed with positional arguments {record.init_args!r}; sid_jax needs "
+        "keyword arguments. Export its state_dict and pass a --spec.")
+  if record.init_kwargs is None:
+    raise ConversionError(
+        f"The pickled {name} did not record its constructor arguments (init_kwargs). Export its "
+        "state_dict and pass a --spec.")
+  return {"class_name": name,
+          "kwargs": _json_value(record.init_kwargs, f"{name}.init_kwargs")}
+
+
+def read_spec(path: str) -> dict:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--spec {path!r}: no such file.")
+  with open(path) as f:
+    try:
+      spec = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ConversionError(f"--spec {path!r} is not valid JSON: {e}") from None
+  if (not isinstance(spec, dict) or not isinstance(spec.get("class_name"), str) or
+      not isinstance(spec.get("kwargs"), dict)):
+    raise ConversionError(
+        f"--spec {path!r} must be a JSON object {{\"class_name\": <official class>, "
+        f"\"kwargs\": {{<constructor kwargs>}}}}, got {json.dumps(spec)[:200]}.")
+  return {"class_name": spec["class_name"], "kwargs": spec["kwargs"]}
+
+
+def check_family(family: str, class_name: str) -> None:
+  own = FAMILIES[family][0]
+  if class_name in own:
+    return
+  for other, (classes, _) in FAMILIES.items():
+    if class_name in classes:
+      raise ConversionError(
+          f"{class_name} is an {other.upper()} class; convert it with "
+          f"`python -m sid_jax.convert {other}`.")
+  raise ConversionError(
+      f"Unknown network class {class_name!r}: `{family}` converts {list(own)} "
+      f"(and `{'edm2' if family == 'edm' else 'edm'}` converts "
+      f"{list(FAMILIES['edm2' if family == 'edm' else 'edm'][0])}).")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources.
+# ---------------------------------------------------------------------------------------------
+
+
+def _describe(value: Any) -> str:
+  if isinstance(value, pickles.PickledObject):
+    return value.class_name
+  return type(value).__name__
+
+
+def select_network(obj: Any, key: str, src: str) -> pickles.PickledObject:
+  """The network under `key` of an unpickled snapshot ('' = the top-level object itself)."""
+  if key == "":
+    value, where = obj, src
+  else:
+    if isinstance(obj, pickles.PickledObject):
+      raise ConversionError(f"{src} holds a single {obj.class_name}, not a dict of networks; "
+                            "pass --key '' to convert it.")
+    if not isinstance(obj, Mapping):
+      raise ConversionError(f"{src} holds a {type(obj).__name__}, not a dict of networks.")
+    if key not in obj:
+      contents = ", ".join(f"{k!r} ({_describe(v)})" for k, v in obj.items())
+      raise ConversionError(f"{src} has no key {key!r}; it holds {contents}. Choose one with "
+                            "--key.")
+    value, where = obj[key], f"{src}[{key!r}]"
+  if not isinstance(value, pickles.PickledObject) or not value.state_dict:
+    raise ConversionError(f"{where} is a {_describe(value)} without parameters, not a network.")
+  return value
+
+
+def _tensor_to_numpy(value: Any) -> np.ndarray:
+  if hasattr(value, "detach"):  # A torch tensor.
+    value = value.detach().cpu()
+    if value.is_floating_point():
+      value = value.float()
+    return value.numpy()
+  return np.asarray(value)
+
+
+def _read_torch_state_dict(src: str, key: str) -> dict[str, np.ndarray]:
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ConversionError(f"Reading {src} needs torch (an optional dependency): install it, or "
+                          "export the weights to .npz.") from None
+  try:
+    obj = torch.load(src, map_location="cpu", weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConversionError(
+        f"torch.load({src!r}, weights_only=True) failed: {e}\nOnly plain state_dicts (names -> "
+        "tensors) are read; save one with torch.save(net.state_dict(), path).") from None
+  is_tensor_dict = lambda d: (isinstance(d, Mapping) and d and
+                              all(isinstance(v, torch.Tensor) for v in d.values()))
+  if not is_tensor_dict(obj):
+    if isinstance(obj, Mapping) and key in obj and is_tensor_dict(obj[key]):
+      obj = obj[key]
+    else:
+      raise ConversionError(f"{src} is not a state_dict (a dict of tensors) and has no key "
+                            f"{key!r} holding one.")
+  return {str(k): _tensor_to_numpy(v) for k, v in obj.items()}
+
+
+def _read_npz(src: str) -> dict[str, np.ndarray]:
+  with np.load(src, allow_pickle=False) as z:
+    return {k: np.asarray(z[k]) for k in z.files}
+
+
+def read_source(src: str, key: str, spec_path: str | None) -> tuple[dict, dict, str]:
+  """(spec, state_dict, format) of `src`; `format` is 'pickle', 'torch' or 'npz'."""
+  ext = os.path.splitext(src)[1].lower()
+  if ext in PICKLE_EXTENSIONS:
+    if spec_path:
+      raise ConversionError("--spec is only for .pt / .npz sources; a network pickle records "
+                            "its own class and constructor arguments.")
+    try:
+      obj = pickles.load(src)
+    except ImportError:
+      raise ConversionError(f"Reading {src} needs torch (an optional dependency) for its tensor "
+                            "storages; install it.") from None
+    record = select_network(obj, key, src)
+    return spec_from_record(record), record.state_dict, "pickle"
+  if ext in TORCH_EXTENSIONS + NPZ_EXTENSIONS:
+    if not spec_path:
+      raise ConversionError(f"{src} holds only weights: pass --spec SPEC.json with "
+                            "{\"class_name\": ..., \"kwargs\": {...}}.")
+    spec = read_spec(spec_path)
+    if ext in TORCH_EXTENSIONS:
+      return spec, _read_torch_state_dict(src, key), "torch"
+    return spec, _read_npz(src), "npz"
+  raise ConversionError(
+      f"Unknown source type {ext or '(no extension)'!r} for {src}: expected a network pickle "
+      f"{PICKLE_EXTENSIONS}, a torch state_dict {TORCH_EXTENSIONS} or an npz {NPZ_EXTENSIONS}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion.
+# ---------------------------------------------------------------------------------------------
+
+
+def convert(family: str, src: str, dst: str, *, key: str = "ema", spec_path: str | None = None,
+            overwrite: bool = False) -> Summary:
+  """Converts `src` into the network checkpoint directory `dst`; returns a `Summary`.
+
+  Args:
+    family: 'edm' (EDMPrecond, VPPrecond, VEPrecond, EDMPrecond_EncoderDecoder) or 'edm2'
+      (Precond, EDM_2_Precond_EncoderDecoder, EDM_2_Precond_Generator).
+    src: an official network pickle (.pkl), or a torch state_dict (.pt/.pth) or an npz of torch
+      names, both with `spec_path`.
+    dst: output directory (see `checkpoints.save_network`).
+    key: the snapshot entry holding the network ('' = the pickle's top-level object). For a .pt
+      file, the entry holding the state_dict if the file is not a state_dict itself.
+    spec_path: JSON `{'class_name': ..., 'kwargs': {...}}` for .pt / .npz sources.
+    overwrite: replace an existing non-empty `dst`.
+  """
+  if family not in FAMILIES:
+    raise ConversionError(f"Unknown model family {family!r}; expected one of {sorted(FAMILIES)}.")
+  if not os.path.isfile(src):
+    raise FileNotFoundError(f"--src {src!r}: no such file.")
+  dst = os.path.abspath(dst)
+  if os.path.isfile(dst) or (os.path.isdir(dst) and os.listdir(dst) and not overwrite):
+    raise ConversionError(f"--dst {dst!r} already exists and is not an empty directory; choose "
+                          "another one or pass --overwrite.")
+
+  spec, state_dict, fmt = read_source(src, key, spec_path)
+  check_family(family, spec["class_name"])
+  denoiser = models.build_denoiser(spec)
+  params = FAMILIES[family][1](state_dict, denoiser)
+  num_params = int(sum(np.size(leaf) for leaf in jax.tree.leaves(params)))
+
+  src_sha256 = sha256_file(src)
+  checkpoints.save_network(dst, params, spec)
+  record = {"source": os.path.abspath(src), "source_sha256": src_sha256, "format": fmt,
+            "key": key if fmt == "pickle" else None, "class_name": spec["class_name"],
+            "num_params": num_params}
+  with open(os.path.join(dst, SOURCE_RECORD), "w") as f:
+    json.dump(record, f, indent=2, sort_keys=True)
+  return Summary(class_name=spec["class_name"], model_type=spec["kwargs"].get("model_type"),
+                 num_params=num_params, src=src, src_sha256=src_sha256,
+                 key=key if fmt == "pickle" else None, dst=dst)
