@@ -1,0 +1,637 @@
+"""Sample-quality evaluation: FID, Inception Score, precision/recall, KID — each number named by
+its protocol (`sid_jax.evaluation.protocols`).
+
+Evaluate a generator checkpoint, a folder of images or an image array:
+
+  python -m sid_jax.evaluate --checkpoint WORKDIR \\
+      --inception pt_inception-2015-12-05-6726825d.pth --ref cifar10-32x32.npz --metrics fid,is
+  python -m sid_jax.evaluate --images DIR --inception FILE --ref STATS.npz
+  python -m sid_jax.evaluate --npz samples.npz --inception FILE --ref STATS.npz --metrics fid,pr,kid
+
+Build reference statistics from real images (add --save_features for precision/recall and KID):
+
+  python -m sid_jax.evaluate make-ref --images DIR --inception FILE --out STATS.npz
+  python -m sid_jax.evaluate make-ref --npz FILE --inception FILE --out STATS.npz
+  python -m sid_jax.evaluate make-ref --tfds NAME:SPLIT --data_dir DIR --inception FILE \\
+      --out STATS.npz
+
+Output: one JSON line (every result carries `protocol` and the protocol's fields: detector,
+resize, reference, num_samples, params), then a Markdown table. Nothing is downloaded: the
+Inception weights (`--inception`) and reference statistics (`--ref`) are local files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Callable, Iterator
+
+from absl import app, flags, logging
+import jax
+import numpy as np
+
+from sid_jax.evaluation import features as features_lib
+from sid_jax.evaluation import metrics as metrics_lib
+from sid_jax.evaluation import protocols
+
+# Flags live in their own FlagValues, so evaluation can be run in-process (tests, notebooks) next
+# to other absl programs; absl's own flags (--verbosity, ...) are parsed by app.run as usual.
+FLAGS = flags.FlagValues()
+_ = flags.DEFINE_string("checkpoint", None, "A training workdir (or its checkpoints/ directory): "
+                        "samples its EMA generator.", flag_values=FLAGS)
+_ = flags.DEFINE_string("images", None, "A folder of PNG/JPEG images (searched recursively, "
+                        "sorted by path).", flag_values=FLAGS)
+_ = flags.DEFINE_string("npz", None, "An .npz holding uint8 images as 'arr_0' or 'images', NHWC "
+                        "or NCHW.", flag_values=FLAGS)
+_ = flags.DEFINE_string("tfds", None, "make-ref only: a prepared TFDS dataset NAME:SPLIT (read "
+                        "offline from --data_dir).", flag_values=FLAGS)
+_ = flags.DEFINE_string("data_dir", None, "TFDS data directory for --tfds.", flag_values=FLAGS)
+_ = flags.DEFINE_string("image_key", "image", "Feature name of the image in --tfds examples.",
+                        flag_values=FLAGS)
+_ = flags.DEFINE_string("inception", None, "pytorch-fid's pt_inception-2015-12-05-6726825d.pth or "
+                        "an .npz of its state dict.", flag_values=FLAGS)
+_ = flags.DEFINE_string("ref", None, "Reference statistics .npz (EDM fid-refs or make-ref "
+                        "output).", flag_values=FLAGS)
+_ = flags.DEFINE_string("out", None, "make-ref: where to write the statistics (.npz).",
+                        flag_values=FLAGS)
+_ = flags.DEFINE_bool("save_features", False, "make-ref: also store the pool features (needed "
+                      "by --metrics pr,kid).", flag_values=FLAGS)
+_ = flags.DEFINE_integer("num", None, "Number of images: generated for --checkpoint (default: "
+                         "the protocol's count), the first N otherwise (default: all).",
+                         flag_values=FLAGS)
+_ = flags.DEFINE_list("metrics", ["fid"], "Any of fid, is, pr, kid; gmm (Gaussian-mixture "
+                      "teacher checkpoints only).", flag_values=FLAGS)
+_ = flags.DEFINE_string("fid_protocol", protocols.DEFAULT_FOR_METRIC["fid"], "FID protocol: "
+                        "edm-fid50k or sid-fid50k-full.", flag_values=FLAGS)
+_ = flags.DEFINE_integer("batch", 64, "Detector batch (a multiple of the device count).",
+                         flag_values=FLAGS)
+_ = flags.DEFINE_integer("seed", 0, "--checkpoint: seed of the fixed latents and labels.",
+                         flag_values=FLAGS)
+_ = flags.DEFINE_integer("step", None, "--checkpoint: which step (default: the latest).",
+                         flag_values=FLAGS)
+_ = flags.DEFINE_integer("is_splits", 10, "Inception Score splits.", flag_values=FLAGS)
+_ = flags.DEFINE_integer("pr_k", 3, "Precision/recall neighbourhood size.", flag_values=FLAGS)
+_ = flags.DEFINE_integer("kid_subsets", 100, "KID subsets.", flag_values=FLAGS)
+_ = flags.DEFINE_integer("kid_subset_size", 1000, "KID subset size.", flag_values=FLAGS)
+_ = flags.DEFINE_string("json_out", None, "Also append the JSON line to this file.",
+                        flag_values=FLAGS)
+
+COMMANDS = ("evaluate", "make-ref")
+INCEPTION_METRICS = ("fid", "is", "pr", "kid")
+KNOWN_METRICS = INCEPTION_METRICS + ("gmm",)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class EvaluationError(ValueError):
+  """A setting or input that cannot be evaluated; the message says what to change."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Image sources: each yields uint8 [n, H, W, C] batches, C as stored (1 or 3).
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ImageSource:
+  kind: str
+  path: str
+  num: int
+  image_shape: tuple[int, int, int]
+  batches: Callable[[int], Iterator[np.ndarray]]
+  notes: list[str] = dataclasses.field(default_factory=list)
+  extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    channels = self.image_shape[-1]
+    if channels not in (1, 3):
+      raise EvaluationError(f"{self.kind} {self.path}: images have {channels} channels "
+                            f"(shape {self.image_shape}); the detector takes 1 (grey) or 3 (RGB).")
+    if channels == 1:
+      self.notes.append("1-channel images repeated to 3 channels before the detector")
+
+  def rgb_batches(self, size: int) -> Iterator[np.ndarray]:
+    for batch in self.batches(size):
+      yield np.repeat(batch, 3, axis=-1) if batch.shape[-1] == 1 else batch
+
+  def describe(self) -> dict[str, Any]:
+    return {"kind": self.kind, "path": self.path, "num": self.num,
+            "image_shape": list(self.image_shape), "notes": list(self.notes), **self.extra}
+
+
+def _take_count(available: int, num: int | None, what: str) -> int:
+  if available == 0:
+    raise EvaluationError(f"{what} holds no images.")
+  if num is None:
+    return available
+  if num <= 0 or num > available:
+    raise EvaluationError(f"--num={num}, but {what} holds {available} images.")
+  return num
+
+
+def npz_source(path: str, num: int | None) -> ImageSource:
+  """uint8 images from an .npz ('arr_0' or 'images'), NHWC or NCHW (detected, and noted)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--npz {path!r} does not exist.")
+  with np.load(path, allow_pickle=False) as z:
+    keys = [k for k in ("arr_0", "images") if k in z.files]
+    if not keys:
+      raise EvaluationError(f"{path} has no 'arr_0' or 'images' entry (it has {z.files}).")
+    array = z[keys[0]]
+  notes = []
+  if array.dtype != np.uint8:
+    raise EvaluationError(f"{path}['{keys[0]}'] is {array.dtype}; expected uint8 images "
+                          "(0..255).")
+  if array.ndim != 4:
+    raise EvaluationError(f"{path}['{keys[0]}'] has shape {array.shape}; expected 4-d uint8 "
+                          "images, NHWC or NCHW.")
+  if array.shape[-1] in (1, 3):
+    notes.append(f"'{keys[0]}' read as NHWC {array.shape}")
+  elif array.shape[1] in (1, 3):
+    notes.append(f"'{keys[0]}' detected as NCHW {array.shape}, transposed to NHWC")
+    array = np.transpose(array, (0, 2, 3, 1))
+  else:
+    raise EvaluationError(f"{path}['{keys[0]}'] has shape {array.shape}: neither NHWC nor NCHW "
+                          "with 1 or 3 channels.")
+  n = _take_count(array.shape[0], num, path)
+  array = array[:n]
+
+  def batches(size):
+    for start in range(0, n, size):
+      yield array[start:start + size]
+
+  return ImageSource("npz", os.path.abspath(path), n, tuple(array.shape[1:]), batches, notes)
+
+
+def _read_image(path: str) -> np.ndarray:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(path) as im:
+    if im.mode not in ("L", "RGB"):
+      raise EvaluationError(f"{path}: image mode {im.mode!r}; expected 'L' (grey) or 'RGB'.")
+    array = np.asarray(im, np.uint8)
+  return array[..., None] if array.ndim == 2 else array
+
+
+def folder_source(directory: str, num: int | None) -> ImageSource:
+  """Images from a folder (recursively, sorted by relative path); all of one size and mode."""
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"--images {directory!r} is not a directory.")
+  files = []
+  for root, _, names in os.walk(directory):
+    files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
+  files.sort(key=lambda p: os.path.relpath(p, directory))
+  n = _take_count(len(files), num, f"--images {directory}")
+  files = files[:n]
+  shape = _read_image(files[0]).shape
+
+  def batches(size):
+    for start in range(0, n, size):
+      batch = []
+      for path in files[start:start + size]:
+        image = _read_image(path)
+        if image.shape != shape:
+          raise EvaluationError(f"{path} has shape {image.shape}, but {files[0]} has {shape}; "
+                                "all images must have one size and mode.")
+        batch.append(image)
+      yield np.stack(batch)
+
+  return ImageSource("images", os.path.abspath(directory), n, tuple(shape), batches)
+
+
+def tfds_source(spec: str, data_dir: str | None, image_key: str,
+                num: int | None) -> ImageSource:
+  """Images of a prepared TFDS dataset `NAME:SPLIT`, read offline from `data_dir`."""
+  name, sep, split = spec.partition(":")
+  if not sep or not name or not split:
+    raise EvaluationError(f"--tfds must be NAME:SPLIT, got {spec!r}.")
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    raise EvaluationError(f"TFDS dataset {name!r} not found under --data_dir={data_dir!r} "
+                          f"(offline: prepare it first): {e}") from e
+  if not builder.is_prepared():
+    raise EvaluationError(f"TFDS dataset {name!r} is not prepared under --data_dir="
+                          f"{data_dir!r}; nothing is downloaded here.")
+  if split not in builder.info.splits:
+    raise EvaluationError(f"TFDS dataset {name!r} has splits {list(builder.info.splits)}, not "
+                          f"{split!r}.")
+  if image_key not in builder.info.features:
+    raise EvaluationError(f"TFDS dataset {name!r} has features {list(builder.info.features)}; "
+                          f"no --image_key={image_key!r}.")
+  n = _take_count(builder.info.splits[split].num_examples, num, f"--tfds {spec}")
+  shape = tuple(builder.info.features[image_key].shape)
+
+  def examples():
+    try:
+      source = builder.as_data_source(split=split)
+      for i in range(n):
+        yield source[i][image_key]
+    except NotImplementedError:  # tfrecord files: read through tf.data instead
+      ds = builder.as_dataset(split=split, shuffle_files=False, decoders=None)
+      for i, example in enumerate(tfds.as_numpy(ds)):
+        if i >= n:
+          break
+        yield example[image_key]
+
+  def batches(size):
+    batch = []
+    for image in examples():
+      image = np.asarray(image)
+      image = image[..., None] if image.ndim == 2 else image
+      if image.dtype != np.uint8:
+        raise EvaluationError(f"--tfds {spec}: {image_key!r} is {image.dtype}, expected uint8.")
+      batch.append(image)
+      if len(batch) == size:
+        yield np.stack(batch)
+        batch = []
+    if batch:
+      yield np.stack(batch)
+
+  if None in shape:
+    first = np.asarray(next(examples()))
+    shape = first.shape if first.ndim == 3 else first.shape + (1,)
+  elif len(shape) == 2:
+    shape = shape + (1,)
+  notes = [f"the first {n} examples in the split's stored order"] if (
+      n < builder.info.splits[split].num_examples) else []
+  return ImageSource("tfds", f"{name}:{split}", n, tuple(shape), batches, notes,
+                     extra={"data_dir": data_dir})
+
+
+@dataclasses.dataclass
+class CheckpointGenerator:
+  """The EMA generator of a training checkpoint, ready to sample."""
+  run: Any
+  params: Any
+  sample_fn: Callable
+  step: int
+  directory: str
+
+
+def _checkpoint_dir(path: str) -> str:
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"--checkpoint {path!r} is not a directory.")
+  inner = os.path.join(path, "checkpoints")
+  return os.path.abspath(inner if os.path.isdir(inner) else path)
+
+
+def restore_generator(path: str, step: int | None = None) -> CheckpointGenerator:
+  """Rebuilds the run from the checkpoint's own config and restores its EMA generator."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from sid_jax import checkpoints, sharding, steps, train  # pylint: disable=g-import-not-at-top
+  directory = _checkpoint_dir(path)
+  ckpt = checkpoints.Checkpointer(directory, every_steps=1, keep=None, async_save=False)
+  try:
+    available = ckpt.all_steps()
+    if not available:
+      raise EvaluationError(f"No checkpoints in {directory} (expected step directories written "
+                            "by `python -m sid_jax.main`).")
+    if step is None:
+      step = max(available)
+    elif step not in available:
+      raise EvaluationError(f"--step={step} is not in {directory}; available: {available}.")
+    meta = ckpt.read_meta(step)
+    if "config" not in meta:
+      raise EvaluationError(f"Checkpoint {directory}/{step} has no config in its metadata.")
+    config = ml_collections.ConfigDict(meta["config"])
+    run = train.build_run(config)
+    abstract_state = jax.eval_shape(lambda p: steps.init_state(run.setup, p, p),
+                                    run.init_params)
+    abstract = {
+        "state": jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract_state, run.state_shardings),
+        "rng": jax.ShapeDtypeStruct((2,), np.uint32, sharding=sharding.replicated(run.mesh)),
+    }
+    restored, _ = ckpt.restore(step, abstract, config.to_dict())
+  finally:
+    ckpt.close()
+  return CheckpointGenerator(run=run, params=restored["state"].generator_ema,
+                             sample_fn=train.make_sampler(run), step=step, directory=directory)
+
+
+def checkpoint_source(gen: CheckpointGenerator, num: int, seed: int) -> ImageSource:
+  """`num` samples of the EMA generator from `train.fixed_inputs(seed)`, exported as uint8."""
+  from sid_jax import images, train  # pylint: disable=g-import-not-at-top
+  run = gen.run
+  z, labels, _ = train.fixed_inputs(run, seed, num)
+  chunk = run.config.eval.batch
+
+  def batches(size):
+    del size  # the sampler's batch is config.eval.batch
+    for start in range(0, num, chunk):
+      lb = None if labels is None else labels[start:start + chunk]
+      x = train.generate(gen.sample_fn, gen.params, z[start:start + chunk], lb, chunk)
+      yield images.to_uint8(x)
+
+  extra = {"step": gen.step, "generator": "EMA",
+           "inputs": f"train.fixed_inputs(seed={seed}): z ~ N(0, I) (scaled by "
+                     f"sid.sigma_init={run.config.sid.sigma_init} in the generator), "
+                     + ("uniform random labels" if labels is not None else "unconditional"),
+           "to_uint8": "clip(x * 127.5 + 128, 0, 255) truncated (the official export)",
+           "teacher": run.teacher.info}
+  return ImageSource("checkpoint", gen.directory, num, tuple(run.setup.image_shape), batches,
+                     extra=extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation.
+# ---------------------------------------------------------------------------------------------
+
+
+def _parse_metrics(names: list[str]) -> list[str]:
+  metrics = [m.strip().lower() for m in names if m.strip()]
+  unknown = sorted(set(metrics) - set(KNOWN_METRICS))
+  if unknown or not metrics:
+    raise EvaluationError(f"--metrics={','.join(names)}: expected some of "
+                          f"{','.join(KNOWN_METRICS)}.")
+  return list(dict.fromkeys(metrics))
+
+
+def _fid_protocol(name: str) -> protocols.Protocol:
+  p = protocols.get(name)
+  if p.metric != "fid":
+    raise EvaluationError(f"--fid_protocol={name!r} is a {p.metric!r} protocol, not an FID one.")
+  if not p.implemented:
+    raise EvaluationError(f"Protocol {name!r} is registered for naming only; sid_jax does not "
+                          f"compute it ({p.notes}).")
+  return p
+
+
+def _check_ref(ref: metrics_lib.RefStats, protocol: protocols.Protocol,
+               weights_hash: str | None) -> None:
+  if not protocols.same_features(ref.detector, ref.resize, protocols.PYTORCH_FID_POOL3,
+                                 protocol.resize):
+    raise EvaluationError(
+        f"Reference statistics {ref.path} were made with detector {ref.detector!r} and resize "
+        f"{ref.resize!r}, but protocol {protocol.name!r} uses {protocols.PYTORCH_FID_POOL3!r} "
+        f"and {protocol.resize!r}; their numbers are not comparable.")
+  if weights_hash and ref.detector_hash and ref.detector_hash != weights_hash:
+    raise EvaluationError(
+        f"Reference statistics {ref.path} were made with other Inception weights (sha256 "
+        f"{ref.detector_hash[:12]}...) than --inception (sha256 {weights_hash[:12]}...).")
+
+
+def _load_detector(path: str | None, mesh, batch: int) -> tuple[features_lib.InceptionFeatures,
+                                                                dict]:
+  variables = features_lib.load_inception_variables(path)
+  detector = features_lib.InceptionFeatures(variables, mesh, batch_size=batch)
+  return detector, {"path": os.path.abspath(path), "sha256": detector.weights_hash}
+
+
+def _default_mesh():
+  from sid_jax import sharding  # pylint: disable=g-import-not-at-top
+  return sharding.make_mesh({"data": -1, "fsdp": 1})
+
+
+def _check_batch(batch: int, mesh) -> None:
+  from sid_jax import sharding  # pylint: disable=g-import-not-at-top
+  shards = sharding.batch_size_divisor(mesh)
+  if batch <= 0 or batch % shards:
+    raise EvaluationError(f"--batch={batch} must be a positive multiple of the {shards} devices.")
+
+
+def _source_flags(allowed: tuple[str, ...]) -> str:
+  given = [name for name in ("checkpoint", "images", "npz", "tfds") if FLAGS[name].value]
+  if len(given) != 1 or given[0] not in allowed:
+    raise EvaluationError(f"Give exactly one of {', '.join('--' + a for a in allowed)}; got "
+                          f"{', '.join('--' + g for g in given) or 'none'}.")
+  return given[0]
+
+
+def evaluate_command() -> dict[str, Any]:
+  """`python -m sid_jax.evaluate --checkpoint|--images|--npz ...`: checks, then computes."""
+  metrics = _parse_metrics(FLAGS.metrics)
+  kind = _source_flags(("checkpoint", "images", "npz"))
+  if "gmm" in metrics and kind != "checkpoint":
+    raise EvaluationError("--metrics gmm needs --checkpoint (a run with the GMM teacher).")
+  inception_metrics = [m for m in metrics if m in INCEPTION_METRICS]
+
+  # Protocols, reference and settings: everything is checked before any image is touched.
+  fid_protocol = _fid_protocol(FLAGS.fid_protocol)
+  ref = None
+  needs_ref = [m for m in metrics if m in ("fid", "pr", "kid")]
+  if needs_ref:
+    if not FLAGS.ref:
+      raise EvaluationError(f"--metrics {','.join(needs_ref)} need reference statistics: pass "
+                            "--ref STATS.npz (EDM fid-refs, or `python -m sid_jax.evaluate "
+                            "make-ref ... --out STATS.npz`).")
+    ref = metrics_lib.load_ref_stats(FLAGS.ref)
+    if ref.mu.shape[0] != 2048:
+      raise EvaluationError(f"--ref {ref.path} holds {ref.mu.shape[0]}-d statistics; the "
+                            "Inception pool features are 2048-d.")
+    _check_ref(ref, fid_protocol, None)
+    if {"pr", "kid"} & set(metrics) and ref.features is None:
+      raise EvaluationError(f"--metrics pr/kid need the reference features, but {ref.path} holds "
+                            "only mu/sigma: rebuild it with `make-ref ... --save_features`.")
+  if FLAGS.num is not None and FLAGS.num <= 0:
+    raise EvaluationError(f"--num must be positive, got {FLAGS.num}.")
+  if "is" in metrics and FLAGS.num is not None and FLAGS.num < FLAGS.is_splits:
+    raise EvaluationError(f"--metrics is with --is_splits={FLAGS.is_splits} needs --num >= "
+                          f"{FLAGS.is_splits}, got {FLAGS.num}.")
+
+  gen = None
+  if kind == "checkpoint":
+    gen = restore_generator(FLAGS.checkpoint, FLAGS.step)
+    mesh = gen.run.mesh
+    if "gmm" in metrics and gen.run.config.teacher.type != "gmm":
+      raise EvaluationError(f"--metrics gmm needs a GMM-teacher run; {gen.directory} has "
+                            f"teacher.type={gen.run.config.teacher.type!r}.")
+  else:
+    mesh = _default_mesh()
+  _check_batch(FLAGS.batch, mesh)
+
+  source = None
+  if inception_metrics:
+    if kind == "checkpoint":
+      num = FLAGS.num or protocols.get(
+          protocols.DEFAULT_FOR_METRIC[inception_metrics[0]]).num_samples
+      source = checkpoint_source(gen, num, FLAGS.seed)
+    elif kind == "images":
+      source = folder_source(FLAGS.images, FLAGS.num)
+    else:
+      source = npz_source(FLAGS.npz, FLAGS.num)
+    if "is" in metrics and source.num < FLAGS.is_splits:
+      raise EvaluationError(f"--metrics is with --is_splits={FLAGS.is_splits} needs at least "
+                            f"{FLAGS.is_splits} images; {source.path} gives {source.num}.")
+
+  detector, weights = None, None
+  if inception_metrics:
+    detector, weights = _load_detector(FLAGS.inception, mesh, FLAGS.batch)
+    if ref is not None:
+      _check_ref(ref, fid_protocol, detector.weights_hash)
+
+  results = []
+  if inception_metrics:
+    keep = (["pool"] if {"pr", "kid"} & set(metrics) else []) + (
+        ["logits_unbiased"] if "is" in metrics else [])
+    logging.info("Computing Inception features of %d images from %s.", source.num, source.path)
+    stream = detector.stream(source.rgb_batches(FLAGS.batch), keep=keep, log_every=50)
+    n = stream.num
+    common = {"input_notes": source.notes}
+    for metric in inception_metrics:
+      if metric == "fid":
+        p = fid_protocol.derive(num_samples=n)
+        value = metrics_lib.fid_from_moments(stream.moments.mean(),
+                                             stream.moments.cov(p.param("cov_ddof")), ref.mu,
+                                             ref.sigma)
+        results.append({"metric": "fid", "fid": value, **p.fields(), **ref.describe(), **common})
+      elif metric == "is":
+        p = protocols.get(protocols.DEFAULT_FOR_METRIC["is"]).derive(num_samples=n,
+                                                                     splits=FLAGS.is_splits)
+        mean, std = metrics_lib.inception_score(stream.features["logits_unbiased"],
+                                                p.param("splits"))
+        results.append({"metric": "is", "is_mean": mean, "is_std": std, **p.fields(), **common})
+      elif metric == "pr":
+        p = protocols.get(protocols.DEFAULT_FOR_METRIC["pr"]).derive(num_samples=n, k=FLAGS.pr_k)
+        pr = metrics_lib.precision_recall(ref.features, stream.features["pool"], p.param("k"))
+        results.append({"metric": "pr", **pr, **p.fields(), **ref.describe(), **common})
+      elif metric == "kid":
+        size = metrics_lib.kid_subset_size(ref.features.shape[0], n, FLAGS.kid_subset_size)
+        p = protocols.get(protocols.DEFAULT_FOR_METRIC["kid"]).derive(
+            num_samples=n, num_subsets=FLAGS.kid_subsets, subset_size=size)
+        value = metrics_lib.kid(ref.features, stream.features["pool"], p.param("num_subsets"),
+                                p.param("subset_size"), p.param("seed"))
+        results.append({"metric": "kid", "kid": value, **p.fields(), **ref.describe(), **common})
+
+  if "gmm" in metrics:
+    from sid_jax import train  # pylint: disable=g-import-not-at-top
+    values = train.evaluate(gen.run, gen.sample_fn, gen.params)
+    p = protocols.get(protocols.DEFAULT_FOR_METRIC["gmm"]).derive(
+        num_samples=gen.run.config.eval.num_samples)
+    results.append({"metric": "gmm", **values, **p.fields(),
+                    "seed": gen.run.config.eval.seed})
+
+  if source is None and gen is not None:
+    source = checkpoint_source(gen, gen.run.config.eval.num_samples, gen.run.config.eval.seed)
+  record = {"command": "evaluate", "source": source.describe(), "results": results}
+  if weights is not None:
+    record["detector_weights"] = weights
+  return record
+
+
+def make_ref_command() -> dict[str, Any]:
+  """`python -m sid_jax.evaluate make-ref ...`: reference statistics from real images."""
+  kind = _source_flags(("images", "npz", "tfds"))
+  if not FLAGS.out:
+    raise EvaluationError("make-ref needs --out STATS.npz.")
+  if not FLAGS.out.endswith(".npz"):
+    raise EvaluationError(f"--out must end in .npz, got {FLAGS.out!r}.")
+  protocol = _fid_protocol(FLAGS.fid_protocol)
+  if kind == "images":
+    source = folder_source(FLAGS.images, FLAGS.num)
+  elif kind == "npz":
+    source = npz_source(FLAGS.npz, FLAGS.num)
+  else:
+    source = tfds_source(FLAGS.tfds, FLAGS.data_dir, FLAGS.image_key, FLAGS.num)
+  if source.num < 2:
+    raise EvaluationError(f"Reference statistics need at least 2 images, got {source.num}.")
+  mesh = _default_mesh()
+  _check_batch(FLAGS.batch, mesh)
+  detector, weights = _load_detector(FLAGS.inception, mesh, FLAGS.batch)
+  keep = ("pool",) if FLAGS.save_features else ()
+  stream = detector.stream(source.rgb_batches(FLAGS.batch), keep=keep, log_every=50)
+  description = json.dumps(source.describe(), sort_keys=True, default=str)
+  if jax.process_index() == 0:
+    metrics_lib.save_ref_stats(FLAGS.out, stream.moments.mean(),
+                               stream.moments.cov(protocol.param("cov_ddof")), protocol,
+                               stream.num, features=stream.features.get("pool"),
+                               detector_hash=detector.weights_hash, source=description)
+  return {"command": "make-ref", "out": os.path.abspath(FLAGS.out), "num": stream.num,
+          "features_saved": bool(FLAGS.save_features), "source": source.describe(),
+          "detector_weights": weights, **protocol.fields()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Output.
+# ---------------------------------------------------------------------------------------------
+
+_VALUE_KEYS = {"fid": ("fid",), "is": ("is_mean", "is_std"), "pr": ("precision", "recall"),
+               "kid": ("kid",), "gmm": ("frechet_distance", "nearest_component_accuracy")}
+
+
+def _fmt(value) -> str:
+  return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def markdown(record: dict[str, Any]) -> str:
+  """The record as a Markdown table (plus one line per protocol with its full definition)."""
+  if record["command"] == "make-ref":
+    lines = ["| reference statistics | images | protocol | features saved |", "|---|---|---|---|",
+             f"| {record['out']} | {record['num']} | {record['protocol']} | "
+             f"{record['features_saved']} |"]
+    protos = [record]
+  else:
+    lines = ["| metric | value | protocol | samples | reference |", "|---|---|---|---|---|"]
+    for r in record["results"]:
+      values = ", ".join(f"{k}={_fmt(r[k])}" for k in _VALUE_KEYS[r["metric"]] if k in r)
+      lines.append(f"| {r['metric']} | {values} | {r['protocol']} | {r['num_samples']} | "
+                   f"{r.get('ref_path') or r['reference']} |")
+    protos = record["results"]
+  lines.append("")
+  seen = set()
+  for p in protos:
+    if p["protocol"] in seen:
+      continue
+    seen.add(p["protocol"])
+    params = ", ".join(f"{k}={v}" for k, v in p["params"].items()) or "-"
+    lines.append(f"- `{p['protocol']}`: detector {p['detector']}; resize {p['resize']}; "
+                 f"reference {p['reference']}; {p['num_samples']} samples; {params}."
+                 + ("" if p["standard_protocol"] else " (derived: not the registered protocol)"))
+  notes = record["source"].get("notes")
+  if notes:
+    lines.append(f"- input: {'; '.join(notes)}.")
+  return "\n".join(lines)
+
+
+def execute(args: list[str]) -> dict[str, Any]:
+  """Runs the command named by the positional `args` with the parsed FLAGS; prints JSON + table."""
+  args = list(args[1:])
+  if len(args) > 1 or (args and args[0] not in COMMANDS):
+    raise EvaluationError(f"Unexpected arguments {args}; the only subcommand is make-ref.")
+  command = args[0] if args else "evaluate"
+  record = make_ref_command() if command == "make-ref" else evaluate_command()
+  if jax.process_index() == 0:
+    line = json.dumps(record, default=str)
+    print(line)
+    print()
+    print(markdown(record))
+    sys.stdout.flush()
+    if FLAGS.json_out:
+      with open(FLAGS.json_out, "a") as f:
+        f.write(line + "\n")
+  return record
+
+
+def run(argv: list[str]) -> dict[str, Any]:
+  """Parses `argv` (argv[0] is the program name) and executes it; returns the printed record.
+
+  The in-process entry point (tests, notebooks): errors are raised, not turned into exit codes.
+  """
+  FLAGS.unparse_flags()
+  return execute(FLAGS(list(argv)))
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """app.run's parser: this module's flags, then absl's own (--verbosity, ...)."""
+  if any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull") for a in argv[1:]):
+    print(__doc__)
+    print(FLAGS.get_help())
+    sys.exit(0)
+  return flags.FLAGS(FLAGS(argv, known_only=True))
+
+
+def main(argv: list[str]) -> None:
+  if os.environ.get("SID_JAX_DISTRIBUTED", "0") == "1":
+    jax.distributed.initialize()
+  try:
+    execute(argv)
+  except (EvaluationError, FileNotFoundError, ValueError) as e:
+    logging.debug("Evaluation stopped:", exc_info=True)  # the traceback, with --verbosity=1
+    print(f"sid_jax.evaluate: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,280 @@
+"""Evaluation protocols: what exactly a reported number measures.
+
+A number such as "FID 1.92" is only comparable with another one measured the same way: the same
+detector (network, weights, layer), the same image preprocessing (resize), the same reference set
+and size, the same sample count and the same metric settings. Every number sid_jax reports carries
+the name of its `Protocol` and the protocol's fields, and a protocol whose settings were changed
+(fewer samples, other splits, ...) gets a derived name such as `edm-fid50k[n=1000]`, so numbers
+from different protocols are never compared by accident.
+
+Registered protocols (`protocols.table()` prints them all as a Markdown table):
+  edm-fid50k             FID as EDM's `fid.py` computes it (generated covariance / (N-1)).
+  sid-fid50k-full        FID as SiD's StyleGAN3-style metric code computes it (covariance / N).
+  is50k                  Inception Score, 10 splits, softmax of the bias-free logits.
+  pr50k3                 Improved precision / recall (k = 3) on Inception pool features.
+  kid50k                 Kernel Inception Distance, 100 subsets of 1000, cubic polynomial kernel.
+  gmm-frechet            Fréchet distance to a Gaussian-mixture teacher's exact pixel moments.
+  digits-classifier-fd   Fréchet distance in the digits demo classifier's feature space.
+  coco2014-fid30k-clean  Text-to-image FID (clean-fid, COCO-2014 val): a name only, not computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+# The detector sid_jax runs (sid_jax.nets.inception.FIDInceptionV3 with pytorch-fid's weights).
+PYTORCH_FID_POOL3 = ("pytorch-fid Inception-v3 (pt_inception-2015-12-05-6726825d.pth, TF "
+                     "2015-12-05 graph), pool3 features, 2048-d")
+PYTORCH_FID_LOGITS = ("pytorch-fid Inception-v3 (pt_inception-2015-12-05-6726825d.pth, TF "
+                      "2015-12-05 graph), softmax of the 1008 logits without the fc bias")
+RESIZE_BILINEAR_299 = ("uint8 RGB / 255 -> bilinear to 299x299 (torch F.interpolate, "
+                       "align_corners=False, no antialias) -> [-1, 1]")
+
+# The detectors `sid_jax.evaluation.features.InceptionFeatures` implements.
+IMPLEMENTED_DETECTORS = (PYTORCH_FID_POOL3, PYTORCH_FID_LOGITS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """One way of measuring a number.
+
+  Attributes:
+    name: registry name; derived protocols append their changes, e.g. `edm-fid50k[n=1000]`.
+    detector: the feature network, its weights and layer.
+    resize: how images are brought to the detector's input.
+    reference: the reference set (and its size) the samples are compared with.
+    num_samples: the number of generated (or evaluated) images.
+    notes: how the protocol relates to the numbers in the literature.
+    metric: which metric: 'fid', 'is', 'pr', 'kid' or 'frechet'.
+    params: the metric's settings, as sorted (name, value) pairs.
+    implemented: False for protocols registered only so their numbers are named.
+    base: for a derived protocol, the registered one it was derived from.
+  """
+  name: str
+  detector: str
+  resize: str
+  reference: str
+  num_samples: int
+  notes: str = ""
+  metric: str = "fid"
+  params: tuple[tuple[str, Any], ...] = ()
+  implemented: bool = True
+  base: str | None = None
+
+  @property
+  def standard(self) -> bool:
+    return self.base is None
+
+  def param(self, key: str) -> Any:
+    return dict(self.params)[key]
+
+  def derive(self, num_samples: int | None = None, **params) -> Protocol:
+    """This protocol with other settings; the name records every change.
+
+    Returns `self` when nothing changes. Unknown parameter names raise a ValueError.
+    """
+    current = dict(self.params)
+    unknown = sorted(set(params) - set(current))
+    if unknown:
+      raise ValueError(f"Protocol {self.name!r} has no parameters {unknown}; it has "
+                       f"{sorted(current)}.")
+    base = registered(self.base) if self.base else self
+    base_params = dict(base.params)
+    new_params = dict(current, **params)
+    num = self.num_samples if num_samples is None else int(num_samples)
+    changes = []
+    if num != base.num_samples:
+      changes.append(f"n={num}")
+    changes += [f"{k}={v}" for k, v in sorted(new_params.items()) if v != base_params[k]]
+    if not changes:
+      return base
+    return dataclasses.replace(base, name=f"{base.name}[{','.join(changes)}]", num_samples=num,
+                               params=tuple(sorted(new_params.items())), base=base.name)
+
+  def fields(self) -> dict[str, Any]:
+    """What every reported number carries: the protocol's name first, then its fields."""
+    return {
+        "protocol": self.name,
+        "standard_protocol": self.standard,
+        "detector": self.detector,
+        "resize": self.resize,
+        "reference": self.reference,
+        "num_samples": self.num_samples,
+        "params": dict(self.params),
+        "notes": self.notes,
+    }
+
+
+_REGISTRY: dict[str, Protocol] = {}
+
+
+def register(protocol: Protocol) -> Protocol:
+  if protocol.name in _REGISTRY:
+    raise ValueError(f"Protocol {protocol.name!r} is already registered.")
+  if protocol.base is not None:
+    raise ValueError(f"Only base protocols can be registered, not {protocol.name!r}.")
+  _REGISTRY[protocol.name] = protocol
+  return protocol
+
+
+def registered(name: str) -> Protocol:
+  if name not in _REGISTRY:
+    raise ValueError(f"Unknown evaluation protocol {name!r}; registered: {names()}.")
+  return _REGISTRY[name]
+
+
+def get(name: str) -> Protocol:
+  """A registered protocol by name (derived names such as `edm-fid50k[n=10]` are not looked up)."""
+  return registered(name)
+
+
+def names() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def table() -> str:
+  """The registry as a Markdown table."""
+  lines = ["| protocol | metric | samples | detector | resize | reference | params |",
+           "|---|---|---|---|---|---|---|"]
+  for name in names():
+    p = _REGISTRY[name]
+    params = ", ".join(f"{k}={v}" for k, v in p.params) or "-"
+    flag = "" if p.implemented else " (not implemented)"
+    lines.append(f"| {p.name}{flag} | {p.metric} | {p.num_samples} | {p.detector} | {p.resize} | "
+                 f"{p.reference} | {params} |")
+  return "\n".join(lines)
+
+
+def same_features(detector_a: str | None, resize_a: str | None, detector_b: str | None,
+                  resize_b: str | None) -> bool:
+  """Whether two feature sets come from the same detector and preprocessing (None = unknown)."""
+  return (detector_a is None or detector_b is None or detector_a == detector_b) and (
+      resize_a is None or resize_b is None or resize_a == resize_b)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry.
+# ---------------------------------------------------------------------------------------------
+
+_EDM_REFS = ("EDM fid-refs mu/sigma of the full training set (e.g. cifar10-32x32.npz, "
+             "imagenet-64x64.npz, ffhq-64x64.npz, afhqv2-64x64.npz), or stats from "
+             "`python -m sid_jax.evaluate make-ref`")
+_DETECTOR_NOTE = ("EDM and SiD run NVIDIA's TorchScript port of the same TF 2015-12-05 graph "
+                  "(input (x - 128) / 128); sid_jax runs pytorch-fid's port (input x / 127.5 - 1), "
+                  "so values agree with the papers' to within the two ports' small difference, "
+                  "not bit for bit.")
+
+EDM_FID50K = register(Protocol(
+    name="edm-fid50k",
+    detector=PYTORCH_FID_POOL3,
+    resize=RESIZE_BILINEAR_299,
+    reference=_EDM_REFS,
+    num_samples=50_000,
+    notes=("FID = |mu_g - mu_r|^2 + Tr(S_g + S_r - 2 sqrtm(S_g S_r)) (scipy sqrtm, real part); "
+           "generated covariance divided by N - 1, as EDM's fid.py. " + _DETECTOR_NOTE),
+    metric="fid",
+    params=(("cov_ddof", 1),),
+))
+
+SID_FID50K_FULL = register(Protocol(
+    name="sid-fid50k-full",
+    detector=PYTORCH_FID_POOL3,
+    resize=RESIZE_BILINEAR_299,
+    reference=_EDM_REFS,
+    num_samples=50_000,
+    notes=("SiD's fid50k_full (StyleGAN3-style metric code, the protocol of SiD's reported FIDs): "
+           "generated covariance divided by N; samples from G_ema with z = 2.5 randn. "
+           + _DETECTOR_NOTE),
+    metric="fid",
+    params=(("cov_ddof", 0),),
+))
+
+IS50K = register(Protocol(
+    name="is50k",
+    detector=PYTORCH_FID_LOGITS,
+    resize=RESIZE_BILINEAR_299,
+    reference="none",
+    num_samples=50_000,
+    notes=("IS = exp(mean_x KL(p(y|x) || p(y))) per split, p(y) the split's mean; mean and std "
+           "over splits (StyleGAN3 / SiD is50k, output bias removed). " + _DETECTOR_NOTE),
+    metric="is",
+    params=(("splits", 10),),
+))
+
+PR50K3 = register(Protocol(
+    name="pr50k3",
+    detector=PYTORCH_FID_POOL3,
+    resize=RESIZE_BILINEAR_299,
+    reference=("pool features of the real reference set (`make-ref --save_features`); SiD's "
+               "ImageNet-64 uses up to 200k real images"),
+    num_samples=50_000,
+    notes=("Improved precision/recall (Kynkaenniemi et al. 2019): radius = distance to the k-th "
+           "nearest neighbour within the manifold, self excluded. Inception features as SiD "
+           "(StyleGAN's own pr50k3 uses VGG16); float32 distances here, fp16 in SiD's code."),
+    metric="pr",
+    params=(("k", 3),),
+))
+
+KID50K = register(Protocol(
+    name="kid50k",
+    detector=PYTORCH_FID_POOL3,
+    resize=RESIZE_BILINEAR_299,
+    reference="pool features of the real reference set (`make-ref --save_features`)",
+    num_samples=50_000,
+    notes=("Unbiased MMD^2 with the kernel (x.y / d + 1)^3, averaged over random subsets "
+           "(StyleGAN3's kid50k_full; subset size = min(subset_size, N_real, N_fake)); subsets "
+           "drawn with numpy RandomState(seed)."),
+    metric="kid",
+    params=(("num_subsets", 100), ("seed", 0), ("subset_size", 1000)),
+))
+
+GMM_FRECHET = register(Protocol(
+    name="gmm-frechet",
+    detector="none: flattened float pixels in [-1, 1], before uint8 quantisation",
+    resize="none",
+    reference="exact mean and covariance of the Gaussian-mixture teacher",
+    num_samples=2048,
+    notes=("The training loop's metric for the analytic GMM teacher (configs/gmm_sid.py: "
+           "config.eval.num_samples, fixed inputs from config.eval.seed); sample covariance / "
+           "(N - 1). Not comparable with any Inception-based number."),
+    metric="frechet",
+    params=(("cov_ddof", 1),),
+))
+
+DIGITS_CLASSIFIER_FD = register(Protocol(
+    name="digits-classifier-fd",
+    detector=("DigitsClassifier shipped in sid_jax/assets/digits_classifier (trained on half A "
+              "of sid_jax.data.digits), tanh feature layer"),
+    resize="none: 8x8 grey in [-1, 1], exported to uint8 and read back",
+    reference="features of half A of sid_jax.data.digits (898 images)",
+    num_samples=899,
+    notes=("The digits demo's metric (sid_jax.evaluation.digits, the training loop's metric "
+           "table): as many samples as held-out half B, with half B's labels; covariance / "
+           "(N - 1). Not comparable with any Inception-based number."),
+    metric="frechet",
+    params=(("cov_ddof", 1),),
+))
+
+COCO2014_FID30K_CLEAN = register(Protocol(
+    name="coco2014-fid30k-clean",
+    detector="clean-fid InceptionV3 (TF weights) pool3, via GigaGAN's evaluation.py",
+    resize=("center crop of the long edge, PIL LANCZOS to 256x256, then clean-fid's own "
+            "resize to 299"),
+    reference="COCO-2014 val2014, all 40,504 images",
+    num_samples=30_000,
+    notes=("SiD-LSG's reported text-to-image FID (30k captions, seeds 0-29999; lsg_spec §6.1). "
+           "Registered so that numbers are named; sid_jax does not compute it yet."),
+    metric="fid",
+    params=(("cov_ddof", 1),),
+    implemented=False,
+))
+
+# The protocol each `--metrics` entry uses unless another one is asked for.
+DEFAULT_FOR_METRIC = {
+    "fid": EDM_FID50K.name,
+    "is": IS50K.name,
+    "pr": PR50K3.name,
+    "kid": KID50K.name,
+    "gmm": GMM_FRECHET.name,
+}
