@@ -3,8 +3,8 @@
 #   make test   - creates .venv, installs the test requirements, runs the test suite
 PYTHON ?= python3
 VENV ?= .venv
-WORKDIR ?= runs/demo
-DEMO_CONFIG ?= configs/gmm_sid.py
+WORKDIR ?= runs/digits_sid
+DEMO_CONFIG ?= configs/digits_sid.py
 
 .PHONY: demo test venv venv-test bench clean
 

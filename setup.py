@@ -21,6 +21,8 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["sid_jax", "sid_jax.*"]),
+    # The digits demo's teacher, classifier and distilled generator (network checkpoints).
+    include_package_data=True,
     python_requires=">=3.10",
     install_requires=_requirements("requirements.txt"),
     extras_require={

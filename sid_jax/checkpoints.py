@@ -68,12 +68,14 @@ def hash_tree(tree: Any) -> str:
 
 
 def save_network(directory: str, params: Any, spec: dict) -> None:
+  """Writes params (numpy or jax arrays, sharded ones included: a collective) and the spec."""
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(directory, NETWORK_PARAMS), jax.device_get(params), force=True)
-  with open(os.path.join(directory, NETWORK_SPEC), "w") as f:
-    json.dump(spec, f, indent=2, sort_keys=True)
+    ckptr.save(os.path.join(directory, NETWORK_PARAMS), params, force=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(directory, NETWORK_SPEC), "w") as f:
+      json.dump(spec, f, indent=2, sort_keys=True)
 
 
 def load_network_spec(directory: str) -> dict:

@@ -80,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sid.gen_loss_scale = 100.0
   c.sid.fake_loss_scale = 1.0
   c.sid.use_logvar = False
+  # EDM augmentation of generator samples in the fake-score loss (CIFAR-10 0.12, FFHQ/AFHQ 0.15);
+  # the networks must take 9 augment labels (augment_dim = 9).
+  c.sid.augment_p = 0.0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.fake_lr = 1e-5
@@ -119,4 +122,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.num_samples = 2048
   c.eval.batch = 256
   c.eval.seed = 12345
+  c.eval.kind = "auto"  # auto (by teacher) | gmm | digits | none
+  # Final metric table (teacher with EDM's Heun sampler vs one-step generators), digits only.
+  c.eval.teacher_heun_steps = 18
+
+  # Used when job = 'train_teacher' (EDM training of a small teacher, e.g. on the digits).
+  c.teacher_training = ml_collections.ConfigDict()
+  c.teacher_training.dataset = "digits"
+  c.teacher_training.batch = 128
+  c.teacher_training.num_steps = 10000
+  c.teacher_training.lr = 1e-3
+  c.teacher_training.warmup_steps = 500
+  c.teacher_training.b1 = 0.9
+  c.teacher_training.b2 = 0.999
+  c.teacher_training.eps = 1e-8
+  c.teacher_training.p_mean = -1.2
+  c.teacher_training.p_std = 1.2
+  c.teacher_training.ema_halflife_kimg = 50.0
+  c.teacher_training.ema_rampup = 0.05
+  c.teacher_training.export_dir = ""  # default: WORKDIR/teacher
   return c

@@ -15,7 +15,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-JOBS = ("distill",)
+JOBS = ("distill", "train_teacher")
 
 
 class _QuietLibraries:
@@ -40,6 +40,12 @@ def main(argv):
   if config.job not in JOBS:
     raise app.UsageError(f"config.job={config.job!r} is not one of {JOBS}.")
   _init_distributed()
+  if config.job == "train_teacher":
+    from sid_jax import train_teacher  # pylint: disable=g-import-not-at-top
+    summary = train_teacher.train_teacher(config, _WORKDIR.value)
+    print(f"[sid_jax] teacher trained for {summary['step']} steps; network checkpoint "
+          f"{summary['export_dir']}")
+    return
   from sid_jax import train  # pylint: disable=g-import-not-at-top
   summary = train.distill(config, _WORKDIR.value)
   print(f"[sid_jax] {summary['status']} at step {summary['step']}; workdir {summary['workdir']}")

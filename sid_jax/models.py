@@ -61,7 +61,8 @@ def init_params(denoiser: denoisers.NetworkDenoiser, rng: jax.Array, image_shape
   labels = jnp.zeros((1, label_dim), jnp.float32) if label_dim else None
   aug_dim = getattr(denoiser.module, "augment_dim", 0)
   aug = jnp.zeros((1, aug_dim), jnp.float32) if aug_dim else None
-  return denoiser.init(rng, x, labels, aug)
+  # One compiled program instead of one dispatch per initialiser (much faster for real UNets).
+  return jax.jit(lambda k: denoiser.init(k, x, labels, aug))(rng)
 
 
 def abstract_params(denoiser, image_shape, label_dim):

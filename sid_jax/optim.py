@@ -51,10 +51,10 @@ def scale_by_adam_no_momentum(b2: float = 0.999, eps: float = 1e-8) -> optax.Gra
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def adam(learning_rate: float, b1: float, b2: float, eps: float,
+def adam(learning_rate: float | optax.Schedule, b1: float, b2: float, eps: float,
          clip_value: float | None = None) -> optax.GradientTransformation:
   """nan_to_num -> [value clip] -> Adam(b1, b2, eps) -> -lr."""
-  if learning_rate <= 0:
+  if not callable(learning_rate) and learning_rate <= 0:
     raise ValueError(f"learning rate must be positive, got {learning_rate}.")
   if not 0 <= b1 < 1 or not 0 <= b2 < 1:
     raise ValueError(f"Adam betas must lie in [0, 1), got b1={b1}, b2={b2}.")
@@ -67,5 +67,8 @@ def adam(learning_rate: float, b1: float, b2: float, eps: float,
     parts.append(scale_by_adam_no_momentum(b2=b2, eps=eps))
   else:
     parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
-  parts.append(optax.scale(-learning_rate))
+  if callable(learning_rate):  # a schedule of the step
+    parts.append(optax.scale_by_learning_rate(learning_rate))
+  else:
+    parts.append(optax.scale(-learning_rate))
   return optax.chain(*parts)

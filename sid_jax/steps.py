@@ -236,14 +236,21 @@ def generator_step(setup: SiDSetup, state: SiDState, teacher_params, key: Array)
   return state, metrics
 
 
+def ema_decay(step: Array, batch: int, halflife_kimg: float, rampup: float | None) -> Array:
+  """beta = 0.5^(batch / halflife), halflife = min(halflife_kimg * 1000, cur_nimg * rampup).
+
+  cur_nimg = step * batch counts images *before* this update, so the first update of a run has
+  beta = 0 (the EMA becomes a copy of the parameters), as in the official loop (spec §4.4).
+  """
+  cur_nimg = step.astype(jnp.float32) * batch
+  halflife = jnp.float32(halflife_kimg * 1000.0)
+  if rampup is not None:
+    halflife = jnp.minimum(halflife, cur_nimg * rampup)
+  return 0.5**(batch / jnp.maximum(halflife, 1e-8))
+
+
 def ema_beta(setup: SiDSetup, step: Array) -> Array:
-  """beta = 0.5^(batch / halflife), halflife = min(ema_kimg * 1000, cur_nimg * rampup) (§4.4)."""
-  h = setup.hyper
-  cur_nimg = step.astype(jnp.float32) * setup.global_batch
-  halflife = jnp.float32(h.ema_halflife_kimg * 1000.0)
-  if h.ema_rampup is not None:
-    halflife = jnp.minimum(halflife, cur_nimg * h.ema_rampup)
-  return 0.5**(setup.global_batch / jnp.maximum(halflife, 1e-8))
+  return ema_decay(step, setup.global_batch, setup.hyper.ema_halflife_kimg, setup.hyper.ema_rampup)
 
 
 def ema_step(setup: SiDSetup, state: SiDState) -> SiDState:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sid_jax import checkpoints, images, models, optim, sharding, steps
+from sid_jax import augment, checkpoints, images, models, optim, sharding, steps
 from sid_jax.evaluation import gmm as gmm_eval
 
 
@@ -111,6 +111,13 @@ def build_run(config: ml_collections.ConfigDict, devices=None) -> Run:
   student, params, spec = models.build_students(config, teacher,
                                                 jax.random.key(config.seed + 1))
   o, d = config.optim, config.data
+  augment_pipe = None
+  if config.sid.augment_p > 0:
+    aug_dim = getattr(student.module, "augment_dim", 0)
+    if aug_dim != 9:
+      raise ValueError(f"config.sid.augment_p={config.sid.augment_p} needs networks with "
+                       f"augment_dim=9, but this one has augment_dim={aug_dim}.")
+    augment_pipe = augment.sid_augment_pipe(config.sid.augment_p)
   setup = steps.SiDSetup(
       teacher=teacher.denoiser, generator=student, fake_score=student,
       image_shape=(d.resolution, d.resolution, d.channels), label_dim=d.label_dim,
@@ -119,6 +126,7 @@ def build_run(config: ml_collections.ConfigDict, devices=None) -> Run:
       generator_tx=optim.adam(o.gen_lr, o.gen_b1, o.b2, o.eps),
       fake_tx=optim.adam(o.fake_lr, o.fake_b1, o.b2, o.eps, clip_value=o.fake_clip_value),
       draw_sharding=sharding.batch_sharding(mesh, 1),
+      augment=augment_pipe,
       unroll_micro=jax.default_backend() == "cpu")
   abstract_state = jax.eval_shape(lambda p: steps.init_state(setup, p, p), params)
   return Run(config=config, mesh=mesh, teacher=teacher, setup=setup, student_spec=spec,
@@ -188,15 +196,85 @@ def generate(sample_fn, params, z: np.ndarray, labels: np.ndarray | None, batch:
 # ---------------------------------------------------------------------------------------------
 
 
+def eval_kind(config) -> str:
+  kind = config.eval.kind
+  if kind == "auto":
+    return "gmm" if config.teacher.type == "gmm" else "none"
+  if kind not in ("gmm", "digits", "none"):
+    raise ValueError(f"config.eval.kind={kind!r}; expected auto, gmm, digits or none.")
+  if kind == "gmm" and config.teacher.type != "gmm":
+    raise ValueError("config.eval.kind='gmm' needs config.teacher.type='gmm'.")
+  return kind
+
+
+def eval_inputs(run: Run):
+  """Fixed (z, one-hot labels, label ids) for evaluation: the same at every evaluation."""
+  ev = run.config.eval
+  if eval_kind(run.config) == "digits":
+    # As many samples as the held-out real half, with the same labels, so that the rows of the
+    # metric table are comparable.
+    from sid_jax.data import digits as digits_data  # pylint: disable=g-import-not-at-top
+    _, (_, yb) = digits_data.split_halves()
+    return fixed_inputs(run, ev.seed, len(yb), yb)
+  return fixed_inputs(run, ev.seed, ev.num_samples)
+
+
+def score_samples(run: Run, x: np.ndarray, idx) -> dict[str, float]:
+  kind = eval_kind(run.config)
+  if kind == "gmm":
+    mu, cov = run.teacher.denoiser.moments(run.teacher.params)
+    return gmm_eval.gmm_metrics(x, idx, np.asarray(run.teacher.params["means"]), mu, cov)
+  if kind == "digits":
+    from sid_jax.evaluation import digits as digits_eval  # pylint: disable=g-import-not-at-top
+    return digits_eval.DigitsEvaluator().metrics(x, idx)
+  return {}
+
+
 def evaluate(run: Run, sample_fn, params) -> dict[str, float]:
   """Metrics of the given generator params with fixed randomness (comparable across steps)."""
-  if run.config.teacher.type != "gmm":
+  if eval_kind(run.config) == "none":
     return {}
-  ev = run.config.eval
-  z, labels, idx = fixed_inputs(run, ev.seed, ev.num_samples)
-  x = generate(sample_fn, params, z, labels, ev.batch)
-  mu, cov = run.teacher.denoiser.moments(run.teacher.params)
-  return gmm_eval.gmm_metrics(x, idx, np.asarray(run.teacher.params["means"]), mu, cov)
+  z, labels, idx = eval_inputs(run)
+  x = generate(sample_fn, params, z, labels, run.config.eval.batch)
+  out = score_samples(run, x, idx)
+  out.pop("protocol", None)
+  return {k: float(v) for k, v in out.items()}
+
+
+def metric_table(run: Run, sample_fn, final_params) -> list[dict]:
+  """The digits demo's table: real data, the teacher with EDM's Heun sampler, the one-step
+  generator at initialisation and after distillation — same labels, same noise, same metric."""
+  from sid_jax import samplers  # pylint: disable=g-import-not-at-top
+  from sid_jax.evaluation import digits as digits_eval  # pylint: disable=g-import-not-at-top
+  ev = digits_eval.DigitsEvaluator()
+  z, labels, idx = eval_inputs(run)
+  rows = [dict(model="real digits (held-out half)", nfe=0, **ev.real_metrics())]
+  if run.teacher.spec is not None:
+    steps_n = run.config.eval.teacher_heun_steps
+    heun = jax.jit(functools.partial(samplers.edm_sampler, run.teacher.denoiser,
+                                     num_steps=steps_n))
+    with jax.set_mesh(run.mesh):
+      x = np.concatenate([
+          np.asarray(jax.device_get(heun(run.teacher.params, z[i:i + run.config.eval.batch],
+                                         labels[i:i + run.config.eval.batch])))
+          for i in range(0, len(z), run.config.eval.batch)])
+    rows.append(dict(model=f"teacher, EDM Heun sampler ({steps_n} steps)",
+                     nfe=samplers.heun_nfe(steps_n), **ev.metrics(x, idx)))
+  for name, params in (("one-step generator at initialisation", run.init_params),
+                       ("one-step generator after SiD (EMA)", final_params)):
+    x = generate(sample_fn, params, z, labels, run.config.eval.batch)
+    rows.append(dict(model=name, nfe=1, **ev.metrics(x, idx)))
+  return rows
+
+
+def table_markdown(rows: list[dict]) -> str:
+  lines = ["| model | NFE | Fréchet distance (classifier features) ↓ | classifier accuracy ↑ |",
+           "|---|---|---|---|"]
+  for r in rows:
+    acc = r.get("classifier_accuracy")
+    lines.append(f"| {r['model']} | {r['nfe'] or '—'} | {r['frechet_distance']:.3f} | "
+                 f"{'—' if acc is None else f'{100 * acc:.1f} %'} |")
+  return "\n".join(lines)
 
 
 def sample_grid(run: Run, sample_fn, params) -> np.ndarray:
@@ -373,8 +451,18 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
     if (pending is None or int(jax.device_get(pending)) == 0) and ckpt.latest_step() != step:
       save(step, force=True)
     ckpt.wait()
+  spec = dict(run.student_spec, sigma_init=config.sid.sigma_init, step=step)
+  checkpoints.save_network(os.path.join(workdir, "generator"), state.generator_ema, spec)
   if status == "done":
     summary["final_eval"] = eval_and_log(step, "grid")
+    if eval_kind(config) == "digits":
+      rows = metric_table(run, sample_fn, state.generator_ema)
+      summary["metric_table"] = rows
+      if is_main:
+        with open(os.path.join(workdir, "metric_table.json"), "w") as f:
+          json.dump(rows, f, indent=2)
+        with open(os.path.join(workdir, "metric_table.md"), "w") as f:
+          f.write(table_markdown(rows) + "\n")
   writer.flush()
   ckpt.close()
   summary.update(status=status, step=step, checkpoint_steps=ckpt.all_steps())
