@@ -18,10 +18,12 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file to benchmark.",
-                                          lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 5, "Timed iterations (after one warm-up).")
-flags.mark_flags_as_required(["config"])
+
+def _define_flags():
+  """Flags exist only when this module is the program, so importing it never clashes."""
+  config_flags.DEFINE_config_file("config", None, "Config file to benchmark.", lock_config=True)
+  flags.DEFINE_integer("steps", 5, "Timed iterations (after one warm-up).")
+  flags.mark_flags_as_required(["config"])
 
 
 def _peak_rss_mb() -> float:
@@ -84,8 +86,9 @@ def benchmark(config, steps: int) -> dict:
 
 def main(argv):
   del argv
-  print(json.dumps(benchmark(_CONFIG.value, _STEPS.value), sort_keys=True))
+  print(json.dumps(benchmark(flags.FLAGS.config, flags.FLAGS.steps), sort_keys=True))
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -30,7 +30,8 @@ def test_shipped_classifier_is_accurate_and_defines_the_metric():
   assert 0 < real["frechet_distance"] < 5.0
   (xa, ya), _ = digits_data.split_halves()
   same = ev.metrics(xa, ya)
-  assert same["frechet_distance"] < 1e-6  # half A against its own statistics
+  # Half A against its own statistics: zero up to sqrtm's float64 rounding at this scale.
+  assert same["frechet_distance"] < 1e-6 * 2 * np.trace(ev.ref_sigma)
   rng = np.random.RandomState(0)
   noise = ev.metrics(rng.uniform(-1, 1, size=(500, 8, 8, 1)), rng.randint(0, 10, 500))
   assert noise["frechet_distance"] > 10 * real["frechet_distance"]
@@ -74,7 +75,7 @@ def test_shortened_digits_run_approaches_the_teacher(tmp_path):
   """A shortened configs/digits_sid.py: the one-step generator moves from its blurry start
   (the teacher's one-step denoiser) to about the teacher's quality at 35 NFE."""
   config = configs_util.load("digits_sid.py", None, **{
-      "training.num_steps": 150, "eval.every_steps": 1000, "log.sample_every_steps": 1000,
+      "training.num_steps": 120, "eval.every_steps": 1000, "log.sample_every_steps": 1000,
       "checkpoint.every_steps": 1000})
   train.distill(config, str(tmp_path), devices=ONE_DEVICE)
   rows = {r["model"].split(",")[0].split(" (")[0]: r

@@ -120,19 +120,19 @@ class DigitsEvaluator:
     return self.metrics(xb, yb)
 
 
-_OUT = flags.DEFINE_string("out", DEFAULT_CLASSIFIER, "Where to write the classifier.")
-_STEPS = flags.DEFINE_integer("steps", 3000, "Training steps.")
-
-
 def main(argv):
   del argv
-  params, accuracy = train_classifier(steps=_STEPS.value)
+  f = flags.FLAGS
+  params, accuracy = train_classifier(steps=f.steps)
   spec = {"class_name": "DigitsClassifier", "kwargs": {},
           "trained_on": "sklearn digits, half A of sid_jax.data.digits.split_halves(seed=0)",
           "held_out_accuracy": accuracy}
-  checkpoints.save_network(_OUT.value, params, spec)
-  print(f"[sid_jax] digits classifier: held-out accuracy {accuracy:.4f}; written to {_OUT.value}")
+  checkpoints.save_network(f.out, params, spec)
+  print(f"[sid_jax] digits classifier: held-out accuracy {accuracy:.4f}; written to {f.out}")
 
 
 if __name__ == "__main__":
+  # Flags exist only when this module is the program, so importing it never clashes.
+  flags.DEFINE_string("out", DEFAULT_CLASSIFIER, "Where to write the classifier.")
+  flags.DEFINE_integer("steps", 3000, "Training steps.")
   app.run(main)
