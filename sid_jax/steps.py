@@ -21,6 +21,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from sid_jax import losses
+from sid_jax.nets import edm2
 
 Array = jax.Array
 
@@ -53,6 +54,9 @@ class SiDHyper:
   use_logvar: bool = False
   ema_halflife_kimg: float = 500.0
   ema_rampup: float | None = 0.05
+  # EDM2 forced weight normalisation (spec §7.2): project every MPConv weight to normalize(w)
+  # before the network's training forward (SiD-EDM2: generator and fake score).
+  force_normalization: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +164,13 @@ def _generate(setup: SiDSetup, params, z: Array, labels, *, train=False, rng=Non
                          train=train, rng=rng)
 
 
+def _maybe_project(setup: SiDSetup, params):
+  """The weights a training forward sees: projected onto the unit sphere under EDM2's forced
+  weight normalisation (the projected weights are also what the optimiser then updates, like the
+  official in-place renormalisation), unchanged otherwise."""
+  return edm2.project_mpconv_weights(params) if setup.hyper.force_normalization else params
+
+
 def _apply_updates(tx, params, opt_state, grads):
   updates, opt_state = tx.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state
@@ -190,10 +201,10 @@ def fake_score_step(setup: SiDSetup, state: SiDState, key: Array):
                            batch_size=setup.global_batch, aug_labels=aug_labels,
                            use_logvar=h.use_logvar)
 
-  loss, grads, valid = _accumulate(loss_fn, state.fake_score, draws, setup.num_micro,
-                                     setup.unroll_micro)
+  psi = _maybe_project(setup, state.fake_score)
+  loss, grads, valid = _accumulate(loss_fn, psi, draws, setup.num_micro, setup.unroll_micro)
   grad_norm = optax.tree.norm(grads)
-  params, opt_state = _apply_updates(setup.fake_tx, state.fake_score, state.fake_opt, grads)
+  params, opt_state = _apply_updates(setup.fake_tx, psi, state.fake_opt, grads)
   state = state.replace(fake_score=params, fake_opt=opt_state)
   metrics = {
       "fake_loss": loss,
@@ -222,11 +233,10 @@ def generator_step(setup: SiDSetup, state: SiDState, teacher_params, key: Array)
         rho=h.rho, loss_scale=h.gen_loss_scale, batch_size=setup.global_batch,
         use_logvar=h.use_logvar)
 
-  loss, grads, valid = _accumulate(loss_fn, state.generator, draws, setup.num_micro,
-                                     setup.unroll_micro)
+  theta = _maybe_project(setup, state.generator)
+  loss, grads, valid = _accumulate(loss_fn, theta, draws, setup.num_micro, setup.unroll_micro)
   grad_norm = optax.tree.norm(grads)
-  params, opt_state = _apply_updates(setup.generator_tx, state.generator, state.generator_opt,
-                                     grads)
+  params, opt_state = _apply_updates(setup.generator_tx, theta, state.generator_opt, grads)
   state = state.replace(generator=params, generator_opt=opt_state)
   metrics = {
       "gen_loss": loss,

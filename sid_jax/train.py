@@ -100,7 +100,8 @@ def hyper_from_config(config) -> steps.SiDHyper:
       alpha=s.alpha, sigma_init=s.sigma_init, tmax=s.tmax, sigma_min=s.sigma_min,
       sigma_max=s.sigma_max, rho=s.rho, p_mean=s.p_mean, p_std=s.p_std, sigma_data=s.sigma_data,
       gen_loss_scale=s.gen_loss_scale, fake_loss_scale=s.fake_loss_scale,
-      use_logvar=s.use_logvar, ema_halflife_kimg=e.halflife_kimg, ema_rampup=e.rampup)
+      use_logvar=s.use_logvar, ema_halflife_kimg=e.halflife_kimg, ema_rampup=e.rampup,
+      force_normalization=bool(s.get("force_normalization", False)))
 
 
 def build_run(config: ml_collections.ConfigDict, devices=None) -> Run:

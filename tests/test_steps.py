@@ -130,3 +130,41 @@ def test_nonfinite_streak_counts_bad_iterations():
   assert [int(h["nonfinite_streak"]) for h in hist] == [1, 2, 3]
   # Parameters stay finite (grads are sanitised, masked samples contribute nothing).
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.generator))
+
+
+def test_edm2_forced_weight_normalisation_projects_before_training_forwards():
+  """With force_normalization the MPConv weights the step updates are normalize(w): a weight
+  stored at 3x unit RMS per output channel comes back at ~unit RMS (plus one small Adam step)."""
+  import json
+  from sid_jax import models
+  z = np.load("tests/testdata/edm2_precond_nvidia.npz")
+  kwargs = dict(json.loads(str(z["config_json"])), img_resolution=8, channel_mult=[1],
+                attn_resolutions=[])
+  den = models.build_denoiser({"class_name": "Precond", "kwargs": kwargs})
+  params = models.init_params(den, jax.random.key(0), (8, 8, 4), 10)
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: 3.0 * x if jax.tree_util.keystr(p).endswith("['weight']") else x, params)
+
+  def channel_rms(tree):
+    out = []
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      if jax.tree_util.keystr(path).endswith("['weight']"):
+        x = np.asarray(x).reshape(x.shape[0], -1)
+        out.append(np.sqrt(np.mean(x**2, axis=1)))
+    return np.concatenate(out)
+
+  base, teacher_params, _ = tiny.make_setup(label_dim=10, shape=(8, 8, 4))
+  results = {}
+  for force in (False, True):
+    setup = steps.SiDSetup(**{**base.__dict__, "generator": den, "fake_score": den,
+                              "hyper": steps.SiDHyper(ema_halflife_kimg=0.05,
+                                                      force_normalization=force)})
+    state, hist = _run(setup, teacher_params, params, 1)
+    assert np.isfinite(hist[0]["gen_loss"]) and np.isfinite(hist[0]["fake_loss"])
+    results[force] = (channel_rms(state.generator), channel_rms(state.fake_score))
+  for rms in results[True]:
+    np.testing.assert_allclose(rms, 1.0, atol=0.05)
+  stored = channel_rms(params)
+  assert np.median(stored) > 2.5  # the stored weights are far from unit RMS ...
+  for rms in results[False]:  # ... and without the projection they stay where they were
+    np.testing.assert_allclose(rms, stored, rtol=0.02)
