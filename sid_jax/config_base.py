@@ -53,6 +53,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict()
   c.teacher.type = "gmm"
   c.teacher.checkpoint = ""  # directory written by `python -m sid_jax.convert` (type 'network')
+  # The official file a config's teacher checkpoint is converted from (e.g.
+  # 'edm-cifar10-32x32-cond-vp.pkl') and where it is published; only used in error messages.
+  c.teacher.official_name = ""
+  c.teacher.official_url = ""
+  # Type 'random' (tests and smoke runs only): config.model's network with random weights drawn
+  # from this seed (sid_jax/models.py, `random_network_params`).
+  c.teacher.random_seed = 0
   c.teacher.gmm = ml_collections.ConfigDict()
   c.teacher.gmm.num_components = 10
   c.teacher.gmm.std = 0.1
@@ -80,6 +87,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.sid.gen_loss_scale = 100.0
   c.sid.fake_loss_scale = 1.0
   c.sid.use_logvar = False
+  # EDM2 forced weight normalisation (spec §7.2, SiD-EDM2): project every MPConv weight of G to
+  # normalize(w) right before each generator step, and of the fake score right before each
+  # fake-score step (`sid_jax.nets.edm2.project_mpconv_weights`). EDM2 networks only.
+  c.sid.force_normalization = False
   # EDM augmentation of generator samples in the fake-score loss (CIFAR-10 0.12, FFHQ/AFHQ 0.15);
   # the networks must take 9 augment labels (augment_dim = 9).
   c.sid.augment_p = 0.0

@@ -5,6 +5,17 @@ with exactly the constructor arguments the official PyTorch class takes (EDM's `
 `VPPrecond`, `VEPrecond`, SiDA's `EDMPrecond_EncoderDecoder`, EDM2's `Precond`, ...). The same spec
 is stored in every network checkpoint (`network.json`), so a converted official teacher and a
 network defined in a config file are built by the same code.
+
+Teacher types (`config.teacher.type`):
+
+* `'gmm'` -- an analytic Gaussian mixture with an exact denoiser (`config.teacher.gmm`).
+* `'network'` -- a network checkpoint directory (`config.teacher.checkpoint`) written by
+  `python -m sid_jax.convert` (official EDM / EDM2 pickles) or by the teacher-training job.
+* `'random'` -- **for tests and smoke runs only**: the network `config.model.class_name` /
+  `config.model.kwargs` (with the image shape and label_dim of `config.data`) with random weights
+  from `config.teacher.random_seed`, drawn so that its outputs are not trivial (the official
+  initialisers zero the output layers; see `random_network_params`). It lets the `tiny` variant of
+  every real config run the real code path without any file.
 """
 
 from __future__ import annotations
@@ -16,12 +27,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from sid_jax import checkpoints, denoisers
 
 EDM_CLASSES = ("EDMPrecond", "VPPrecond", "VEPrecond", "EDMPrecond_EncoderDecoder")
 EDM2_CLASSES = ("Precond", "EDM_2_Precond_EncoderDecoder", "EDM_2_Precond_Generator")
-TEACHER_TYPES = ("gmm", "network")
+TEACHER_TYPES = ("gmm", "network", "random")
 
 
 def _plain(x):
@@ -70,12 +82,89 @@ def abstract_params(denoiser, image_shape, label_dim):
                         jax.random.key(0))
 
 
+def _leaf_name(path) -> str:
+  last = path[-1]
+  return str(getattr(last, "key", getattr(last, "name", last)))
+
+
+def random_network_params(denoiser: denoisers.NetworkDenoiser, image_shape, label_dim: int,
+                          seed: int):
+  """Random weights for a test network, drawn on the host: no compilation, deterministic in seed.
+
+  For teacher type 'random' only (tests and smoke runs). Compiling the networks' own initialisers
+  costs seconds per architecture on a CPU, and they leave the output layers (and EDM2's gains) at
+  zero or 1e-5 scale, which makes every denoiser trivial (D(x) = c_skip x). Instead every leaf of
+  the parameter tree (`jax.eval_shape` of the init: tracing only) is drawn by its name:
+
+  * `kernel` (Flax Dense / Conv, [..., in, out]): N(0, 1 / fan_in), every layer, the output
+    layers included, so outputs are of order one;
+  * `weight` (EDM2 MPConv, [out, in, ...]): N(0, 1) rescaled to unit RMS per output channel, as
+    EDM2's forced weight normalisation keeps trained weights;
+  * `bias`: 0; `scale` (GroupNorm): 1;
+  * `emb_gain`, `out_gain` (EDM2, zero in EDM2's init): U(0.5, 1);
+  * `freqs`, `phases` (fixed Fourier features): 2 pi N(0, 1) and 2 pi U(0, 1), EDM2's MPFourier
+    draws (NCSN++'s own are N(0, 16^2); any fixed draw gives a valid network).
+
+  A leaf with any other name raises a ValueError naming it.
+  """
+  abstract = abstract_params(denoiser, image_shape, label_dim)
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name, shape, dtype = _leaf_name(path), tuple(leaf.shape), leaf.dtype
+    if name == "kernel":
+      fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+      value = rng.standard_normal(shape) / np.sqrt(fan_in)
+    elif name == "weight":
+      value = rng.standard_normal(shape)
+      if value.ndim > 1:
+        value = value / np.sqrt(np.mean(np.square(value), axis=tuple(range(1, value.ndim)),
+                                        keepdims=True))
+    elif name == "bias":
+      value = np.zeros(shape)
+    elif name == "scale":
+      value = np.ones(shape)
+    elif name.endswith("gain"):
+      value = rng.uniform(0.5, 1.0, shape)
+    elif name == "freqs":
+      value = 2 * np.pi * rng.standard_normal(shape)
+    elif name == "phases":
+      value = 2 * np.pi * rng.uniform(size=shape)
+    else:
+      raise ValueError(f"config.teacher.type='random' cannot initialise the parameter "
+                       f"{jax.tree_util.keystr(path)} {shape}: unknown leaf name {name!r}.")
+    return jnp.asarray(value.astype(dtype))
+
+  return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
 @dataclasses.dataclass
 class Teacher:
   denoiser: Any
   params: Any
   info: dict  # type, path, sha256 — recorded in checkpoint metadata instead of the weights
   spec: dict | None = None  # the network spec (None for the analytic teacher)
+
+
+def _config_spec(config: ml_collections.ConfigDict) -> dict:
+  """The network spec of config.model with the image shape and label_dim of config.data."""
+  d = config.data
+  kwargs = dict(_plain(config.model.kwargs))
+  kwargs.update(img_resolution=d.resolution, img_channels=d.channels, label_dim=d.label_dim)
+  return {"class_name": config.model.class_name, "kwargs": kwargs}
+
+
+def _convert_hint(t: ml_collections.ConfigDict) -> str:
+  """How to make the teacher checkpoint a config expects (empty if it names no official file)."""
+  name = t.get("official_name", "")
+  if not name:
+    return ""
+  family = "edm2" if os.path.basename(name).startswith("edm2-") else "edm"
+  url = t.get("official_url", "")
+  where = f" ({url})" if url else ""
+  return (f" This config distils the official teacher {name}{where}: convert it with "
+          f"`python -m sid_jax.convert {family} --src {name} --dst DIR` and pass "
+          f"--config.teacher.checkpoint=DIR.")
 
 
 def build_teacher(config: ml_collections.ConfigDict) -> Teacher:
@@ -93,9 +182,10 @@ def build_teacher(config: ml_collections.ConfigDict) -> Teacher:
   if t.type == "network":
     if not t.checkpoint:
       raise ValueError("config.teacher.checkpoint is empty: set it to a network checkpoint "
-                       "directory (written by `python -m sid_jax.convert`).")
+                       "directory (written by `python -m sid_jax.convert`)." + _convert_hint(t))
     if not os.path.isdir(t.checkpoint):
-      raise FileNotFoundError(f"config.teacher.checkpoint={t.checkpoint!r} does not exist.")
+      raise FileNotFoundError(f"config.teacher.checkpoint={t.checkpoint!r} does not exist."
+                              + _convert_hint(t))
     spec = checkpoints.load_network_spec(t.checkpoint)
     res, _, ch, label_dim = spec_image_shape(spec)
     if (res, ch, label_dim) != (d.resolution, d.channels, d.label_dim):
@@ -108,6 +198,14 @@ def build_teacher(config: ml_collections.ConfigDict) -> Teacher:
     info = {"type": "network", "path": os.path.abspath(t.checkpoint),
             "sha256": checkpoints.hash_path(t.checkpoint)}
     return Teacher(den, params, info, spec)
+  if t.type == "random":
+    # For tests and smoke runs only: random weights drawn on the host, no file, no compilation.
+    spec = _config_spec(config)
+    den = build_denoiser(spec)
+    params = random_network_params(den, shape, d.label_dim, t.random_seed)
+    info = {"type": "random", "path": "", "seed": int(t.random_seed),
+            "sha256": checkpoints.hash_tree(params)}
+    return Teacher(den, params, info, spec)
   raise ValueError(f"Unknown config.teacher.type {t.type!r}; expected one of {TEACHER_TYPES}.")
 
 
@@ -116,15 +214,13 @@ def student_spec(config: ml_collections.ConfigDict, teacher: Teacher) -> dict:
   if config.model.init_from == "teacher":
     if teacher.spec is None:
       raise ValueError("config.model.init_from='teacher' needs a network teacher "
-                       f"(config.teacher.type='network'), not {config.teacher.type!r}.")
+                       f"(config.teacher.type='network' or 'random'), not "
+                       f"{config.teacher.type!r}.")
     return teacher.spec
   if config.model.init_from != "scratch":
     raise ValueError(f"config.model.init_from must be 'teacher' or 'scratch', "
                      f"got {config.model.init_from!r}.")
-  d = config.data
-  kwargs = dict(_plain(config.model.kwargs))
-  kwargs.update(img_resolution=d.resolution, img_channels=d.channels, label_dim=d.label_dim)
-  return {"class_name": config.model.class_name, "kwargs": kwargs}
+  return _config_spec(config)
 
 
 def build_students(config, teacher: Teacher, rng: jax.Array):

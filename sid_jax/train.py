@@ -280,7 +280,8 @@ def table_markdown(rows: list[dict]) -> str:
 
 def sample_grid(run: Run, sample_fn, params) -> np.ndarray:
   cols = run.config.log.grid_columns
-  rows = run.setup.label_dim or 4
+  # One row per class (the first 10 classes when there are more), 4 rows when unconditional.
+  rows = min(run.setup.label_dim, 10) or 4
   idx = np.repeat(np.arange(rows), cols) if run.setup.label_dim else None
   z, labels, _ = fixed_inputs(run, run.config.eval.seed + 1, rows * cols, idx)
   x = generate(sample_fn, params, z, labels, run.config.eval.batch)
