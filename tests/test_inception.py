@@ -160,8 +160,9 @@ def _read_key_file():
   return part1, part2
 
 
-def _synthetic_state_dict(part1):
-  rng = np.random.default_rng(0)
+def _synthetic_state_dict(part1, seed=0):
+  """Random weights in the shapes of pytorch-fid's state dict (torch names, float32)."""
+  rng = np.random.default_rng(seed)
   sd = {}
   for key, shape in part1:
     if key.endswith("num_batches_tracked"):

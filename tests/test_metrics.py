@@ -19,6 +19,7 @@ from sid_jax import sharding
 from sid_jax.convert import inception_params
 from sid_jax.evaluation import features, metrics, protocols
 from sid_jax.nets import inception
+from tests import test_inception
 
 DATA = os.path.join(os.path.dirname(__file__), "testdata", "inception")
 
@@ -309,33 +310,8 @@ def test_derived_protocols_carry_their_changes_in_the_name():
 
 def _random_inception_state_dict(seed=0):
   """A pytorch-fid-shaped state dict with random weights (shapes from full_network_keys.txt)."""
-  rng = np.random.default_rng(seed)
-  state_dict = {}
-  part = None
-  with open(os.path.join(DATA, "full_network_keys.txt")) as f:
-    for line in f:
-      line = line.rstrip("\n")
-      if line.startswith("## PART"):
-        part = line.split()[2].rstrip(":")
-        continue
-      if part != "1" or not line or line.startswith("#"):
-        continue
-      key, shape = line.split("\t")[:2]
-      shape = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
-      if key.endswith("num_batches_tracked"):
-        value = np.array(0, np.int64)
-      elif key.endswith("conv.weight"):
-        value = rng.normal(0, np.sqrt(2 / np.prod(shape[1:])), shape)
-      elif key.endswith(("bn.weight", "running_var")):
-        value = rng.uniform(0.5, 1.5, shape)
-      elif key.endswith(("bn.bias", "running_mean")):
-        value = rng.normal(0, 0.1, shape)
-      elif key == "fc.weight":
-        value = rng.normal(0, 1 / np.sqrt(shape[1]), shape)
-      else:
-        value = rng.normal(0, 1, shape)
-      state_dict[key] = value.astype(np.float32) if value.dtype == np.float64 else value
-  return state_dict
+  part1, _ = test_inception._read_key_file()
+  return test_inception._synthetic_state_dict(part1, seed=seed)
 
 
 @pytest.fixture(scope="module")
