@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sid_jax.nets import layers
-from sid_jax.nets.songunet import LayerSpec, check_output, drop_labels
+from sid_jax.nets.songunet import LayerSpec, check_output, drop_labels, layout_buffers
 
 Array = jax.Array
 
@@ -79,14 +79,7 @@ class DhariwalUNet(nn.Module):
 
   def torch_buffers(self) -> dict[str, np.ndarray]:
     """Non-learned official buffers (names without the `model.` prefix) and their values."""
-    f = layers.resample_filter_2d((1, 1))[None, None]
-    enc, dec = self.layout()
-    out = {}
-    for prefix, specs in (("enc", enc), ("dec", dec)):
-      for spec in specs:
-        for buf in spec.resample_buffers():
-          out[f"{prefix}.{spec.name}.{buf}"] = f
-    return out
+    return layout_buffers(self.layout(), (1, 1))
 
   def _block(self, spec: LayerSpec, name: str) -> layers.UNetBlock:
     return layers.UNetBlock(out_channels=spec.out_channels,

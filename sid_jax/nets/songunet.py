@@ -67,6 +67,17 @@ def check_output(output: str) -> None:
     raise ValueError(f"Invalid output {output!r}; expected one of {OUTPUTS}.")
 
 
+def layout_buffers(layout: tuple[list[LayerSpec], list[LayerSpec]],
+                   taps: Sequence[float]) -> dict[str, np.ndarray]:
+  """The official `resample_filter` buffers of a UNet layout: {'enc.<name>.<buf>': filter}."""
+  f = layers.resample_filter_2d(taps)[None, None]
+  enc, dec = layout
+  return {f"{prefix}.{spec.name}.{buf}": f
+          for prefix, specs in (("enc", enc), ("dec", dec))
+          for spec in specs
+          for buf in spec.resample_buffers()}
+
+
 class SongUNet(nn.Module):
   img_resolution: int
   in_channels: int
@@ -157,14 +168,7 @@ class SongUNet(nn.Module):
 
   def torch_buffers(self) -> dict[str, np.ndarray]:
     """Non-learned official buffers (names without the `model.` prefix) and their values."""
-    f = layers.resample_filter_2d(self.resample_filter)[None, None]
-    enc, dec = self.layout()
-    out = {}
-    for prefix, specs in (("enc", enc), ("dec", dec)):
-      for spec in specs:
-        for buf in spec.resample_buffers():
-          out[f"{prefix}.{spec.name}.{buf}"] = f
-    return out
+    return layout_buffers(self.layout(), self.resample_filter)
 
   # --------------------------------------------------------------------------------------------
   # Forward pass.
