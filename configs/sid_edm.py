@@ -138,7 +138,15 @@ def get_config(arg=None):
   snapshot = max(1, round(SNAPSHOT_TICKS * p["tick_kimg"] * 1000 / batch))
   c.log.every_steps = tick
   c.log.sample_every_steps = snapshot
-  c.eval.every_steps = snapshot  # evaluation kind 'none' for network teachers: grids only
+  # In-loop FID as the official runs (fid50k_full at every snapshot) once the detector and the
+  # dataset's reference statistics are given:
+  #   --config.eval.inception=pt_inception-2015-12-05-6726825d.pth --config.eval.ref=REF.npz
+  # Without them the loop writes sample grids only. The best-FID state is kept in
+  # WORKDIR/checkpoints_best.
+  c.eval.every_steps = snapshot
+  c.eval.protocol = "sid-fid50k-full"
+  c.eval.num_samples = 50_000
+  c.eval.batch = 256
   c.checkpoint.every_steps = snapshot
   c.checkpoint.keep = 3
   c.log.grid_columns = 8

@@ -161,18 +161,38 @@ def config_differences(stored: dict, current: dict, keys=CRITICAL_CONFIG_KEYS) -
 
 
 class Checkpointer:
-  """Saves and restores the training state of one run (one Orbax CheckpointManager)."""
+  """Saves and restores the training state of one run (one Orbax CheckpointManager).
 
-  def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
+  With `best_metric`, the manager keeps the `keep` checkpoints with the lowest (`best_mode`
+  'min') or highest ('max') value of that metric instead of the latest ones (Orbax `best_fn`);
+  every save must then pass `metrics` containing it. The training loop uses one of each:
+  `WORKDIR/checkpoints` (latest) and `WORKDIR/checkpoints_best` (best evaluation).
+  """
+
+  def __init__(self, directory: str, *, every_steps: int, keep: int | None,
+               async_save: bool = True, best_metric: str | None = None,
+               best_mode: str = "min"):
     self.directory = os.path.abspath(directory)
+    self.best_metric = best_metric
+    best = {}
+    if best_metric is not None:
+      if best_mode not in ("min", "max"):
+        raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}.")
+      best = dict(best_fn=lambda metrics: float(metrics[best_metric]), best_mode=best_mode,
+                  keep_checkpoints_without_metrics=False)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         save_interval_steps=every_steps,
         create=True,
         enable_async_checkpointing=async_save,
+        **best,
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "meta"))
+
+  def best_step(self) -> int | None:
+    """The kept step with the best metric (None without `best_metric` or checkpoints)."""
+    return self.manager.best_step() if self.best_metric is not None else None
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -180,9 +200,13 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
+  def save(self, step: int, state: Any, meta: dict, *, force: bool = False,
+           metrics: dict[str, float] | None = None) -> bool:
+    if self.best_metric is not None and (metrics is None or self.best_metric not in metrics):
+      raise ValueError(f"This checkpointer keeps the best {self.best_metric!r}; save() needs "
+                       f"metrics containing it, got {metrics}.")
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-    return self.manager.save(step, args=args, force=force)
+    return self.manager.save(step, args=args, force=force, metrics=metrics)
 
   def read_meta(self, step: int) -> dict:
     out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))

@@ -133,7 +133,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.num_samples = 2048
   c.eval.batch = 256
   c.eval.seed = 12345
-  c.eval.kind = "auto"  # auto (by teacher) | gmm | digits | none
+  # auto: gmm for a mixture teacher, fid when inception and ref are both set, else none.
+  c.eval.kind = "auto"  # auto | gmm | digits | fid | none
+  c.eval.every_kimg = 0.0  # > 0: evaluate every this many kimg (overrides every_steps)
+  c.eval.inception = ""  # kind 'fid': pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or .npz)
+  c.eval.ref = ""  # kind 'fid': reference statistics .npz (EDM fid-refs or evaluate make-ref)
+  c.eval.protocol = "edm-fid50k"  # kind 'fid': the FID protocol (edm-fid50k | sid-fid50k-full)
+  # The metric whose lowest value is kept in WORKDIR/checkpoints_best ('auto': fid for FID,
+  # frechet_distance for gmm/digits; '' = no best checkpoint).
+  c.eval.best_metric = "auto"
   # Final metric table (teacher with EDM's Heun sampler vs one-step generators), digits only.
   c.eval.teacher_heun_steps = 18
 

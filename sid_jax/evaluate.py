@@ -361,16 +361,10 @@ def _fid_protocol(name: str) -> protocols.Protocol:
 
 def _check_ref(ref: metrics_lib.RefStats, protocol: protocols.Protocol,
                weights_hash: str | None) -> None:
-  if not protocols.same_features(ref.detector, ref.resize, protocols.PYTORCH_FID_POOL3,
-                                 protocol.resize):
-    raise EvaluationError(
-        f"Reference statistics {ref.path} were made with detector {ref.detector!r} and resize "
-        f"{ref.resize!r}, but protocol {protocol.name!r} uses {protocols.PYTORCH_FID_POOL3!r} "
-        f"and {protocol.resize!r}; their numbers are not comparable.")
-  if weights_hash and ref.detector_hash and ref.detector_hash != weights_hash:
-    raise EvaluationError(
-        f"Reference statistics {ref.path} were made with other Inception weights (sha256 "
-        f"{ref.detector_hash[:12]}...) than --inception (sha256 {weights_hash[:12]}...).")
+  try:
+    metrics_lib.check_ref_fits(ref, protocol, weights_hash)
+  except ValueError as e:
+    raise EvaluationError(str(e)) from None
 
 
 def _load_detector(path: str | None, mesh, batch: int) -> tuple[features_lib.InceptionFeatures,

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from sid_jax import augment, checkpoints, images, models, optim, sharding, steps
-from sid_jax.evaluation import gmm as gmm_eval
+from sid_jax.evaluation import in_loop
 
 
 class NonFiniteLossError(RuntimeError):
@@ -74,6 +74,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
                      "batch shards of the mesh.")
   if config.eval.num_samples < 2:
     raise ValueError(f"config.eval.num_samples must be at least 2, got {config.eval.num_samples}.")
+  in_loop.check_config(config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,14 +199,16 @@ def generate(sample_fn, params, z: np.ndarray, labels: np.ndarray | None, batch:
 
 
 def eval_kind(config) -> str:
-  kind = config.eval.kind
-  if kind == "auto":
-    return "gmm" if config.teacher.type == "gmm" else "none"
-  if kind not in ("gmm", "digits", "none"):
-    raise ValueError(f"config.eval.kind={kind!r}; expected auto, gmm, digits or none.")
-  if kind == "gmm" and config.teacher.type != "gmm":
-    raise ValueError("config.eval.kind='gmm' needs config.teacher.type='gmm'.")
-  return kind
+  """The in-loop evaluation kind ('auto' resolved): gmm | digits | fid | none."""
+  return in_loop.resolve_kind(config)
+
+
+def eval_every_steps(config) -> int:
+  """Steps between evaluations: `config.eval.every_kimg` (if > 0) or `config.eval.every_steps`."""
+  kimg = config.eval.get("every_kimg", 0.0)
+  if kimg and kimg > 0:
+    return max(1, round(kimg * 1000 / config.training.global_batch))
+  return int(config.eval.every_steps)
 
 
 def eval_inputs(run: Run):
@@ -220,24 +223,19 @@ def eval_inputs(run: Run):
   return fixed_inputs(run, ev.seed, ev.num_samples)
 
 
-def score_samples(run: Run, x: np.ndarray, idx) -> dict[str, float]:
-  kind = eval_kind(run.config)
-  if kind == "gmm":
-    mu, cov = run.teacher.denoiser.moments(run.teacher.params)
-    return gmm_eval.gmm_metrics(x, idx, np.asarray(run.teacher.params["means"]), mu, cov)
-  if kind == "digits":
-    from sid_jax.evaluation import digits as digits_eval  # pylint: disable=g-import-not-at-top
-    return digits_eval.DigitsEvaluator().metrics(x, idx)
-  return {}
+def build_scorer(run: Run) -> in_loop.Scorer:
+  return in_loop.build_scorer(run.config, mesh=run.mesh, teacher=run.teacher)
 
 
-def evaluate(run: Run, sample_fn, params) -> dict[str, float]:
+def evaluate(run: Run, sample_fn, params, scorer: in_loop.Scorer | None = None
+             ) -> dict[str, float]:
   """Metrics of the given generator params with fixed randomness (comparable across steps)."""
-  if eval_kind(run.config) == "none":
+  scorer = scorer or build_scorer(run)
+  if scorer.kind == "none":
     return {}
   z, labels, idx = eval_inputs(run)
   x = generate(sample_fn, params, z, labels, run.config.eval.batch)
-  out = score_samples(run, x, idx)
+  out = scorer.score(x, idx)
   out.pop("protocol", None)
   return {k: float(v) for k, v in out.items()}
 
@@ -401,11 +399,43 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
   summary = {"workdir": os.path.abspath(workdir), "compile_seconds": compile_s,
              "start_step": start}
 
+  scorer = build_scorer(run)
+  eval_every = eval_every_steps(config)
+  summary["eval_protocol"] = scorer.protocol
+  best_ckpt, best_value = None, float("inf")
+  if scorer.best_metric is not None:
+    best_ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints_best"),
+                                         every_steps=1, keep=1,
+                                         async_save=config.checkpoint.async_save,
+                                         best_metric=scorer.best_metric)
+    if best_ckpt.best_step() is not None:
+      best_value = float(best_ckpt.read_meta(best_ckpt.best_step())["eval"][scorer.best_metric])
+
+  def keep_if_best(step, result):
+    """Saves the state into WORKDIR/checkpoints_best when its metric is the lowest so far."""
+    nonlocal best_value
+    if best_ckpt is None or step == 0:
+      return
+    if scorer.best_metric not in result:
+      raise KeyError(f"config.eval.best_metric={scorer.best_metric!r} is not among the "
+                     f"evaluation's metrics {sorted(result)}.")
+    value = result[scorer.best_metric]
+    if np.isfinite(value) and value < best_value:
+      best_value = value
+      best_ckpt.save(step, {"state": state, "rng": rng_data},
+                     dict(meta(step), eval=result, eval_protocol=scorer.protocol), force=True,
+                     metrics={scorer.best_metric: value})
+      logging.info("New best %s=%.6g at step %d (kept in %s).", scorer.best_metric, value, step,
+                   best_ckpt.directory)
+
   def eval_and_log(step, tag):
-    result = evaluate(run, sample_fn, state.generator_ema)
+    result = evaluate(run, sample_fn, state.generator_ema, scorer)
     if result and is_main:
       writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
-      _append_jsonl(metrics_path, {"step": step, "kind": "eval", **result})
+      _append_jsonl(metrics_path, {"step": step, "kind": "eval", "protocol": scorer.protocol,
+                                   **result})
+    if result:
+      keep_if_best(step, result)
     grid = sample_grid(run, sample_fn, state.generator_ema)
     if is_main:
       path = os.path.join(workdir, "samples", f"{tag}_{step:08d}.png")
@@ -437,7 +467,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
           _append_jsonl(metrics_path, {"step": step, "kind": "train", **values})
         logging.info("step %d/%d %s", step, num_steps,
                      " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())))
-      if step % config.eval.every_steps == 0 and step != num_steps:
+      if step % eval_every == 0 and step != num_steps:
         eval_and_log(step, "grid")
       elif step % config.log.sample_every_steps == 0 and step != num_steps:
         grid = sample_grid(run, sample_fn, state.generator_ema)
@@ -468,6 +498,11 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
   writer.flush()
   ckpt.close()
   summary.update(status=status, step=step, checkpoint_steps=ckpt.all_steps())
+  if best_ckpt is not None:
+    best_ckpt.wait()
+    summary["best"] = {"metric": scorer.best_metric, "value": best_value,
+                       "step": best_ckpt.best_step(), "directory": best_ckpt.directory}
+    best_ckpt.close()
   if is_main:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2, sort_keys=True)

@@ -327,3 +327,63 @@ def test_command_line_reports_errors_and_exit_code(small_files):
   assert "sid_jax.evaluate: error: Inception weights '/nonexistent/pt_inception.pth'" in out.stderr
   assert "pt_inception-2015-12-05-6726825d.pth" in out.stderr
   assert out.stdout == ""
+
+
+def test_in_loop_fid_is_the_cli_fid_of_the_kept_state(tmp_path, capsys, inception_file):
+  """The loop's FID (fixed inputs) is the CLI's FID of the same EMA generator."""
+  config = configs_util.load("gmm_sid.py", "tiny", **{
+      "training.num_steps": 1, "checkpoint.every_steps": 1, "training.micro_batch": 32,
+      "eval.kind": "fid", "eval.inception": str(inception_file), "eval.num_samples": 8,
+      "eval.batch": 8, "model.kwargs.channel_mult": [1]})
+  ref = tmp_path / "edm_style.npz"
+  rs = np.random.RandomState(0)
+  a = rs.standard_normal((2048, 2048)) * 0.01
+  np.savez(ref, mu=rs.standard_normal(2048) * 0.1, sigma=a @ a.T)
+  config.eval.ref = str(ref)
+  workdir = tmp_path / "run"
+  summary = train.distill(config, str(workdir))
+  assert summary["eval_protocol"] == "edm-fid50k[n=8]"
+  records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  evals = {r["step"]: r for r in records if r["kind"] == "eval"}
+  assert sorted(evals) == [0, 1]
+  assert all(r["protocol"] == "edm-fid50k[n=8]" and r["num_images"] == 8 for r in evals.values())
+  assert evals[0]["fid"] != evals[1]["fid"] and np.isfinite(evals[1]["fid"])
+  # Step 0 (the initial generator) is never "best"; step 1 is the only candidate.
+  assert summary["best"]["step"] == 1 and summary["best"]["value"] == evals[1]["fid"]
+
+  record, _ = _cli(capsys, f"--checkpoint={workdir / 'checkpoints_best'}",
+                   f"--inception={inception_file}", f"--ref={ref}", "--metrics=fid",
+                   f"--num={config.eval.num_samples}", f"--seed={config.eval.seed}",
+                   "--batch=8")
+  assert record["source"]["step"] == 1
+  assert record["results"][0]["protocol"] == "edm-fid50k[n=8]"
+  assert record["results"][0]["fid"] == pytest.approx(evals[1]["fid"], rel=1e-4)
+
+
+def test_best_checkpoint_is_the_lowest_evaluation(tmp_path, capsys):
+  config = configs_util.load("gmm_sid.py", "tiny", **{
+      "training.num_steps": 5, "checkpoint.every_steps": 5, "eval.every_steps": 1,
+      "model.kwargs.channel_mult": [1], "training.micro_batch": 32})
+  workdir = tmp_path / "run"
+  summary = train.distill(config, str(workdir))
+  records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  fd = {r["step"]: r["frechet_distance"] for r in records if r["kind"] == "eval"}
+  assert sorted(fd) == [0, 1, 2, 3, 4, 5] and len(set(fd.values())) == 6
+  best_step = min(range(1, 6), key=fd.get)
+  assert summary["best"] == {"metric": "frechet_distance", "value": fd[best_step],
+                             "step": best_step, "directory": str(workdir / "checkpoints_best")}
+  kept = sorted(int(d) for d in os.listdir(workdir / "checkpoints_best") if d.isdigit())
+  assert kept == [best_step]
+  # The kept state is the evaluated one: re-evaluating it reproduces the number.
+  record, _ = _cli(capsys, f"--checkpoint={workdir / 'checkpoints_best'}", "--metrics=gmm")
+  assert record["source"]["step"] == best_step
+  assert record["results"][0]["frechet_distance"] == pytest.approx(fd[best_step], rel=1e-5)
+
+
+def test_eval_every_kimg_sets_the_cadence():
+  config = configs_util.load("gmm_sid.py", "tiny", **{"eval.every_kimg": 0.256,
+                                                      "training.global_batch": 64,
+                                                      "training.micro_batch": 64})
+  assert train.eval_every_steps(config) == 4
+  config.eval.every_kimg = 0.0
+  assert train.eval_every_steps(config) == config.eval.every_steps

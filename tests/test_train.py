@@ -126,6 +126,12 @@ def test_tree_mismatch_names_the_keys():
      "config.teacher.checkpoint"),
     ({"mesh.data": 3}, "config.mesh"),
     ({"data.label_dim": 4}, "config.data.label_dim"),
+    ({"eval.kind": "fid"}, "config.eval.inception"),
+    ({"eval.kind": "fid", "eval.inception": "/nonexistent/w.pth", "eval.ref": "/x.npz"},
+     "config.eval.inception='/nonexistent/w.pth'"),
+    ({"eval.kind": "fidelity"}, "config.eval.kind"),
+    ({"eval.kind": "none", "eval.best_metric": "fid"}, "config.eval.best_metric"),
+    ({"eval.every_kimg": -1.0}, "config.eval.every_kimg"),
 ])
 def test_bad_config_fails_before_compiling(override, pattern):
   config = configs_util.load("gmm_sid.py", "tiny", **override)

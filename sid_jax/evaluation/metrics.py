@@ -334,3 +334,20 @@ def load_ref_stats(path: str) -> RefStats:
                     protocol=text("protocol"), detector=text("detector"), resize=text("resize"),
                     detector_hash=text("detector_hash"), source=text("source"),
                     features=features)
+
+
+def check_ref_fits(ref: RefStats, protocol: protocols_lib.Protocol,
+                   weights_hash: str | None) -> None:
+  """Raises ValueError unless `ref` was made with `protocol`'s detector and resize (and, when
+  both are known, with the same Inception weights)."""
+  if not protocols_lib.same_features(ref.detector, ref.resize, protocols_lib.PYTORCH_FID_POOL3,
+                                     protocol.resize):
+    raise ValueError(
+        f"Reference statistics {ref.path} were made with detector {ref.detector!r} and resize "
+        f"{ref.resize!r}, but protocol {protocol.name!r} uses "
+        f"{protocols_lib.PYTORCH_FID_POOL3!r} and {protocol.resize!r}; their numbers are not "
+        "comparable.")
+  if weights_hash and ref.detector_hash and ref.detector_hash != weights_hash:
+    raise ValueError(
+        f"Reference statistics {ref.path} were made with other Inception weights (sha256 "
+        f"{ref.detector_hash[:12]}...) than the detector given (sha256 {weights_hash[:12]}...).")
