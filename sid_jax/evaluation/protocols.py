@@ -16,6 +16,8 @@ Registered protocols (`protocols.table()` prints them all as a Markdown table):
   gmm-frechet            Fréchet distance to a Gaussian-mixture teacher's exact pixel moments.
   digits-classifier-fd   Fréchet distance in the digits demo classifier's feature space.
   coco2014-fid30k-clean  Text-to-image FID (clean-fid, COCO-2014 val): a name only, not computed.
+  coco2014-clip30k-vitg14  CLIP score as SiD-LSG reports it (GigaGAN's evaluator, ViT-g-14).
+  clip-plain             The in-repo CLIP score during training (bicubic to the CLIP input size).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class Protocol:
     reference: the reference set (and its size) the samples are compared with.
     num_samples: the number of generated (or evaluated) images.
     notes: how the protocol relates to the numbers in the literature.
-    metric: which metric: 'fid', 'is', 'pr', 'kid' or 'frechet'.
+    metric: which metric: 'fid', 'is', 'pr', 'kid', 'frechet' or 'clip'.
     params: the metric's settings, as sorted (name, value) pairs.
     implemented: False for protocols registered only so their numbers are named.
     base: for a derived protocol, the registered one it was derived from.
@@ -268,6 +270,42 @@ COCO2014_FID30K_CLEAN = register(Protocol(
     metric="fid",
     params=(("cov_ddof", 1),),
     implemented=False,
+))
+
+# Computed by sid_jax.evaluation.clip_score.CLIPScorer (protocol 'sid-lsg' / 'plain').
+OPENAI_CLIP_NORMALIZE = ("/ 255, normalised with OpenAI CLIP's mean (0.48145466, 0.4578275, "
+                         "0.40821073) and std (0.26862954, 0.26130258, 0.27577711)")
+
+COCO2014_CLIP30K_VITG14 = register(Protocol(
+    name="coco2014-clip30k-vitg14",
+    detector=("open_clip ViT-g-14 laion2b_s12b_b42k (HF CLIPModel format "
+              "laion/CLIP-ViT-g-14-laion2B-s12B-b42K), projected image and text embeddings"),
+    resize=("center crop of the long edge, PIL LANCZOS to 256x256, GigaGAN's truncating uint8 "
+            "round trip, PIL BICUBIC of the shortest side to 224, center crop 224, "
+            + OPENAI_CLIP_NORMALIZE),
+    reference=("the COCO-2014 val captions the images were generated from, each prefixed with "
+               "'A photo depicts ', 77 tokens (truncated ones end with the end-of-text token)"),
+    num_samples=30_000,
+    notes=("SiD-LSG's reported CLIP score (GigaGAN's evaluation.py compute_clip_score with "
+           "clip_model='ViT-G/14'): mean over images of the raw cosine similarity (not x100, not "
+           "clipped at 0). sid_jax tokenizes with Hugging Face's CLIPTokenizer and cleans "
+           "captions without ftfy."),
+    metric="clip",
+    params=(("preprocess", "sid-lsg"),),
+))
+
+CLIP_PLAIN = register(Protocol(
+    name="clip-plain",
+    detector=("the Hugging Face CLIPModel given to CLIPScorer (name it next to the number), "
+              "projected image and text embeddings"),
+    resize=("uint8 / 255, jax.image.resize bicubic (a = -0.5, antialiased) straight to the "
+            "model's image_size, no crop, normalised with OpenAI CLIP's mean and std"),
+    reference="the captions the images were generated from, without prefix, 77 tokens",
+    num_samples=1_000,
+    notes=("The quick CLIP score the training loop can track: mean raw cosine similarity. Not "
+           "comparable with coco2014-clip30k-vitg14 (other preprocessing, no prompt prefix)."),
+    metric="clip",
+    params=(("preprocess", "plain"),),
 ))
 
 # The protocol each `--metrics` entry uses unless another one is asked for.
