@@ -177,6 +177,121 @@ class NetworkDenoiser:
 
 
 # ---------------------------------------------------------------------------------------------
+# A DDPM epsilon-prediction network (Stable Diffusion's UNet) on its discrete noise grid.
+# ---------------------------------------------------------------------------------------------
+
+
+def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+  """float32 linspace with torch's CPU rounding: a float32 step, each value start + step * i
+  (or end - step * (steps - 1 - i) in the second half) formed in double, then rounded once."""
+  start32, end32 = np.float32(start), np.float32(end)
+  step = np.float64(np.float32((end32 - start32) / np.float32(steps - 1)))
+  idx = np.arange(steps, dtype=np.float64)
+  out = np.where(idx < steps // 2, np.float64(start32) + step * idx,
+                 np.float64(end32) - step * (steps - 1 - idx))
+  return out.astype(np.float32)
+
+
+def ddpm_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
+                        beta_end: float = 0.012, beta_schedule: str = "scaled_linear"
+                        ) -> np.ndarray:
+  """alpha_bar_t = prod_{i <= t} (1 - beta_i) in float32, as diffusers' DDPMScheduler computes it
+  (lsg_spec §1.2): 'scaled_linear' betas are linspace(sqrt(b0), sqrt(b1))^2, 'linear' betas are
+  linspace(b0, b1)."""
+  if beta_schedule == "scaled_linear":
+    betas = _torch_linspace_f32(beta_start**0.5, beta_end**0.5, num_train_timesteps)**2
+  elif beta_schedule == "linear":
+    betas = _torch_linspace_f32(beta_start, beta_end, num_train_timesteps)
+  else:
+    raise ValueError(f"beta_schedule={beta_schedule!r} is not supported; expected "
+                     "'scaled_linear' (Stable Diffusion) or 'linear'.")
+  alphas = (np.float32(1.0) - betas.astype(np.float32)).astype(np.float32)
+  # torch's CPU cumprod accumulates float32 in double and rounds each partial product.
+  return np.cumprod(alphas.astype(np.float64)).astype(np.float32)
+
+
+def ddpm_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
+  """The EDM noise level of each DDPM step: sigma_t = sqrt(1 - abar_t) / sqrt(abar_t)."""
+  acp = np.asarray(alphas_cumprod, np.float32)
+  return (np.sqrt(np.float32(1) - acp) / np.sqrt(acp)).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscreteEpsDenoiser:
+  """D(x; sigma_t, c) = x - sigma_t eps(sqrt(abar_t) x, t, c) for a DDPM epsilon network.
+
+  In the VP convention x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) n, the x0 prediction is
+  (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (lsg_spec §1.2; never clipped). With
+  x = x_t / sqrt(abar_t) = x0 + sigma_t n this is the EDM-convention denoiser above, so Stable
+  Diffusion's UNet plugs into the same losses as EDM networks. Only the grid's noise levels are
+  valid: `sigma` is mapped to the nearest grid index t (exact for sigmas taken from
+  `self.sigmas`), and the network is called with that integer t.
+
+  `module` is called as `module.apply({'params': p}, x_vp [B,H,W,C], t [B] int32, cond)`;
+  `cond` is the text embedding [B, L, D].
+  """
+  module: nn.Module
+  alphas_cumprod: np.ndarray = dataclasses.field(compare=False, repr=False)
+
+  @property
+  def sigmas(self) -> np.ndarray:
+    return ddpm_sigmas(self.alphas_cumprod)
+
+  def sigma_at(self, t: int) -> float:
+    """The noise level of grid index t (e.g. the generator's t_init = 625 -> 2.5017)."""
+    return float(self.sigmas[int(t)])
+
+  def timestep(self, sigma: Array) -> Array:
+    """[B] noise levels -> [B] int32 grid indices (nearest in log sigma)."""
+    table = jnp.log(jnp.asarray(self.sigmas))
+    d = jnp.abs(jnp.log(sigma.reshape(-1, 1).astype(jnp.float32)) - table[None, :])
+    return jnp.argmin(d, axis=1).astype(jnp.int32)
+
+  def __call__(self, params, x, sigma, labels=None, *, aug_labels=None, train=False, rng=None):
+    del aug_labels, train, rng  # SD UNets have no augmentation labels and no dropout.
+    dtype = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    x = x.astype(dtype)
+    t = self.timestep(per_sample(sigma, x))
+    acp = jnp.asarray(self.alphas_cumprod, jnp.float32)[t]
+    a = jnp.sqrt(acp).astype(dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+    s = jnp.sqrt(1.0 - acp).astype(dtype).reshape(a.shape)
+    eps = self.module.apply({"params": params}, a * x, t, labels).astype(dtype)
+    return x - (s / a) * eps
+
+  def init(self, rng: Array, x: Array, labels: Array):
+    variables = self.module.init({"params": rng}, x, jnp.zeros((x.shape[0],), jnp.int32), labels)
+    return variables["params"]
+
+
+def guided(denoiser: Callable, scale: float, uncond: Array | None) -> Callable:
+  """Classifier-free guidance of a bound denoiser D(x, sigma, cond): D_u + scale (D_c - D_u).
+
+  With scale == 1 the denoiser is returned unchanged (one pass, no unconditional branch, as the
+  official code does). Otherwise one call on the 2B batch [x; x] with conditions [uncond; cond]
+  (lsg_spec §1.3); `uncond` [1, ...] is broadcast to the batch. For a denoiser affine in its
+  network output (every one here) this equals guiding the network output itself.
+  """
+  if scale == 1:
+    return denoiser
+  if uncond is None:
+    raise ValueError(f"Guidance scale {scale} needs an unconditional condition.")
+
+  def fn(x, sigma, cond, **kwargs):
+    if kwargs.get("return_logvar"):
+      raise ValueError("Classifier-free guidance of a denoiser with a log-variance head is not "
+                       "defined.")
+    b = x.shape[0]
+    sigma = per_sample(sigma, x)
+    u = jnp.broadcast_to(uncond, (b,) + tuple(cond.shape[1:])).astype(cond.dtype)
+    out = denoiser(jnp.concatenate([x, x]), jnp.concatenate([sigma, sigma]),
+                   jnp.concatenate([u, cond]), **kwargs)
+    d_u, d_c = out[:b], out[b:]
+    return d_u + scale * (d_c - d_u)
+
+  return fn
+
+
+# ---------------------------------------------------------------------------------------------
 # An analytic teacher: a mixture of isotropic Gaussians in image space.
 # ---------------------------------------------------------------------------------------------
 

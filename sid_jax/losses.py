@@ -18,10 +18,12 @@ and the EDM2 variants of the losses are used.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 BoundDenoiser = Callable[..., Array]
@@ -73,28 +75,89 @@ def _split_logvar(out, use_logvar: bool):
   return out, None
 
 
+# ---------------------------------------------------------------------------------------------
+# Noise levels: which sigma each loss sees. The losses take sigma as an array; these objects turn
+# the step's per-sample random draws into it.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EDMNoiseLevels:
+  """SiD on EDM/EDM2 teachers: lognormal sigma (EDM weight) for the fake score, the tmax
+  rho-ramp for the generator (spec §2-§3). Draw kinds: 'rn' = N(0, 1), 'u' = U[0, 1)."""
+  p_mean: float = -1.2
+  p_std: float = 1.2
+  sigma_data: float = 0.5
+  tmax: float = 800.0
+  sigma_min: float = 0.002
+  sigma_max: float = 80.0
+  rho: float = 7.0
+  fake_draw: str = "rn"
+  gen_draw: str = "u"
+
+  def fake(self, rn: Array) -> tuple[Array, Array]:
+    sigma = lognormal_sigma(rn, self.p_mean, self.p_std)
+    return sigma, edm_weight(sigma, self.sigma_data)
+
+  def gen(self, u: Array) -> Array:
+    return tmax_sigma(u, self.tmax, self.sigma_min, self.sigma_max, self.rho)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscreteNoiseLevels:
+  """SiD-LSG on DDPM teachers (lsg_spec §4.1): integer t ~ U{t_min, ..., t_max - 1} for both
+  losses, sigma_t from the teacher's discrete grid `sigmas` [T]. The fake score's loss is the
+  epsilon loss sum (eps_hat - n)^2 = sum (D - x0)^2 / sigma^2, i.e. weight 1 / sigma^2."""
+  sigmas: tuple[float, ...]
+  t_min: int = 20
+  t_max: int = 980
+  fake_draw: str = "u"
+  gen_draw: str = "u"
+
+  def __post_init__(self):
+    if not 0 <= self.t_min < self.t_max <= len(self.sigmas):
+      raise ValueError(f"Need 0 <= t_min < t_max <= {len(self.sigmas)}, got t_min={self.t_min}, "
+                       f"t_max={self.t_max}.")
+
+  def timestep(self, u: Array) -> Array:
+    """u ~ U[0, 1) -> integer t, uniform on [t_min, t_max)."""
+    t = self.t_min + jnp.floor(u * (self.t_max - self.t_min)).astype(jnp.int32)
+    return jnp.clip(t, self.t_min, self.t_max - 1)
+
+  def gen(self, u: Array) -> Array:
+    return jnp.asarray(np.asarray(self.sigmas, np.float32))[self.timestep(u)]
+
+  def fake(self, u: Array) -> tuple[Array, Array]:
+    sigma = self.gen(u)
+    return sigma, 1.0 / sigma**2
+
+
 def dsm_loss(denoiser: BoundDenoiser,
              y: Array,
              labels: Array | None,
-             rn: Array,
+             sigma: Array,
+             weight: Array,
              noise: Array,
              *,
-             p_mean: float,
-             p_std: float,
-             sigma_data: float,
              loss_scale: float,
              batch_size: int,
              aug_labels: Array | None = None,
              use_logvar: bool = False):
-  """EDM denoising score matching (the fake-score loss, spec §2 / §7.3).
+  """Denoising score matching for the fake score network (spec §2 / §7.3, lsg_spec §4.2).
+
+  Per sample: sum_pixels weight(sigma) (D(y + sigma n) - y)^2 (EDM2 with `use_logvar`:
+  sum weight (D - y)^2 / e^u + u). EDM's loss has weight (sigma^2 + sd^2) / (sigma sd)^2;
+  SiD-LSG's epsilon loss is the same with weight 1 / sigma^2.
 
   Args:
-    denoiser: D_psi(x, sigma, labels[, aug_labels=...]) -> x0_hat (or (x0_hat, logvar)).
+    denoiser: D_psi(x, sigma, labels[, aug_labels=...]) -> x0_hat (or (x0_hat, logvar)); a
+      guided denoiser (`denoisers.guided`) for classifier-free guidance in this loss.
     y: clean images [B, H, W, C] (generator samples, already stop-gradient, maybe augmented).
-    rn: standard normal [B] for ln sigma.  noise: standard normal like y (n = sigma * noise).
+    sigma, weight: [B] noise levels and loss weights (see `EDMNoiseLevels.fake`).
+    noise: standard normal like y.
   """
-  sigma = lognormal_sigma(rn, p_mean, p_std).reshape((-1,) + (1,) * (y.ndim - 1))
-  weight = edm_weight(sigma, sigma_data)
+  sigma = sigma.reshape((-1,) + (1,) * (y.ndim - 1))
+  weight = weight.reshape(sigma.shape)
   kwargs = {} if aug_labels is None else {"aug_labels": aug_labels}
   out = denoiser(y + sigma * noise, sigma, labels, **kwargs)
   y_hat, logvar = _split_logvar(out, use_logvar)
@@ -113,29 +176,26 @@ def sid_generator_loss(true_denoiser: BoundDenoiser,
                        fake_denoiser: BoundDenoiser,
                        x_g: Array,
                        labels: Array | None,
-                       u: Array,
+                       sigma: Array,
                        noise: Array,
                        *,
                        alpha: float,
-                       tmax: float,
-                       sigma_min: float,
-                       sigma_max: float,
-                       rho: float,
                        loss_scale: float,
                        batch_size: int,
                        use_logvar: bool = False):
-  """The SiD generator loss (spec §3.2; EDM2 variant §7.3 with `use_logvar`).
+  """The SiD generator loss (spec §3.2; EDM2 variant §7.3 with `use_logvar`; lsg_spec §4.3).
 
   Per element: (y_r - y_f) * ((y_r - x_g) - alpha (y_r - y_f)) / w_b with
   w_b = stopgrad(max(mean_pix |x_g - y_r|, 1e-5)) in float32, y_r the teacher's and y_f the fake
   score's prediction at the shared noisy input x_g + sigma * noise. Nothing else is detached:
-  gradients reach x_g directly and through both denoisers' inputs.
+  gradients reach x_g directly and through both denoisers' inputs. For SiD-LSG the denoisers
+  are the guided ones (kappa_4 for the teacher, kappa_2 for the fake score).
 
   Args:
-    u: uniform [B] in [0, 1) for the noise level (t = u tmax / 1000 on the rho-ramp).
+    sigma: [B] noise levels (see `EDMNoiseLevels.gen`, `DiscreteNoiseLevels.gen`).
     noise: standard normal like x_g.
   """
-  sigma = tmax_sigma(u, tmax, sigma_min, sigma_max, rho).reshape((-1,) + (1,) * (x_g.ndim - 1))
+  sigma = sigma.reshape((-1,) + (1,) * (x_g.ndim - 1))
   x_t = x_g + sigma * noise
   y_r = true_denoiser(x_t, sigma, labels)
   y_f, logvar = _split_logvar(fake_denoiser(x_t, sigma, labels), use_logvar)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
-from sid_jax import losses
+from sid_jax import denoisers, losses
 from sid_jax.nets import edm2
 
 Array = jax.Array
@@ -57,6 +57,36 @@ class SiDHyper:
   # EDM2 forced weight normalisation (spec §7.2): project every MPConv weight to normalize(w)
   # before the network's training forward (SiD-EDM2: generator and fake score).
   force_normalization: bool = False
+  # SiD-LSG's long and short classifier-free guidance (lsg_spec §3): kappa_1 in the fake score's
+  # own loss, kappa_2 (= kappa_3) for the fake score and kappa_4 for the teacher inside the
+  # generator loss. All 1 = no guidance (no unconditional pass at all).
+  cfg_fake_train: float = 1.0
+  cfg_fake_eval: float = 1.0
+  cfg_teacher: float = 1.0
+  # Probability of replacing a prompt by the empty one in the fake-score step; applied only when
+  # kappa_1 != 1 or kappa_2 != 1, as in the official code (lsg_spec §3).
+  cond_dropout: float = 0.1
+
+  @property
+  def guided(self) -> bool:
+    return (self.cfg_fake_train, self.cfg_fake_eval, self.cfg_teacher) != (1.0, 1.0, 1.0)
+
+  @property
+  def effective_cond_dropout(self) -> float:
+    return self.cond_dropout if (self.cfg_fake_train != 1 or self.cfg_fake_eval != 1) else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Conditioning:
+  """Per-sample conditions fed with the batch (text prompts) rather than drawn in the step.
+
+  `encode(frozen, raw)` turns a micro-batch of raw conditions (token ids [m, L]) into what the
+  denoisers take (text embeddings [m, L, D]); `uncond(frozen)` is the unconditional condition
+  [1, ...] (the empty prompt's embedding, computed once and kept with the frozen parameters).
+  `frozen` is the run's constant parameter tree (the same one the teacher denoiser receives).
+  """
+  encode: Callable[[Any, Array], Array]
+  uncond: Callable[[Any], Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +108,20 @@ class SiDSetup:
   augment: Callable | None = None
   # Unroll the micro-batch loop (fast on CPU; on TPU/GPU a rolled loop keeps compile time flat).
   unroll_micro: bool = False
+  # Which noise levels the two losses draw (losses.EDMNoiseLevels / DiscreteNoiseLevels);
+  # None = EDM's, from `hyper`.
+  levels: Any = None
+  # Conditions that come with the batch (text prompts) instead of being drawn in the step.
+  conditioning: Conditioning | None = None
+
+  @property
+  def noise_levels(self):
+    if self.levels is not None:
+      return self.levels
+    h = self.hyper
+    return losses.EDMNoiseLevels(p_mean=h.p_mean, p_std=h.p_std, sigma_data=h.sigma_data,
+                                 tmax=h.tmax, sigma_min=h.sigma_min, sigma_max=h.sigma_max,
+                                 rho=h.rho)
 
   @property
   def num_micro(self) -> int:
@@ -115,8 +159,14 @@ def draw_labels(setup: SiDSetup, key: Array, shape: tuple[int, ...]) -> Array | 
   return jax.nn.one_hot(idx, setup.label_dim, dtype=jnp.float32)
 
 
-def _draws(setup: SiDSetup, key: Array, per_sample: str) -> dict[str, Array]:
-  """z, labels, per-sample scalar ('u' uniform or 'rn' normal) and noise for every micro-batch."""
+def _draws(setup: SiDSetup, key: Array, per_sample: str, raw_cond: Array | None = None,
+           dropout: float = 0.0) -> dict[str, Array]:
+  """z, labels, per-sample scalar ('u' uniform or 'rn' normal) and noise for every micro-batch.
+
+  With `setup.conditioning`, the batch's raw conditions `raw_cond` [num_micro, micro, ...] take
+  the place of drawn labels, and `dropout` > 0 adds a Bernoulli mask 'drop' (condition replaced
+  by the unconditional one).
+  """
   lead = (setup.num_micro, setup.micro_batch)
   kz, kl, ks, kn = jax.random.split(key, 4)
   img = lead + tuple(setup.image_shape)
@@ -126,10 +176,41 @@ def _draws(setup: SiDSetup, key: Array, per_sample: str) -> dict[str, Array]:
       per_sample: (jax.random.uniform(ks, lead, jnp.float32)
                    if per_sample == "u" else jax.random.normal(ks, lead, jnp.float32)),
   }
-  labels = draw_labels(setup, kl, lead)
-  if labels is not None:
-    out["labels"] = labels
+  if setup.conditioning is not None:
+    if raw_cond is None:
+      raise ValueError("This setup takes its conditions from the batch, but none was given.")
+    if tuple(raw_cond.shape[:2]) != lead:
+      raise ValueError(f"Batch conditions have leading shape {tuple(raw_cond.shape[:2])}; "
+                       f"expected [num_micro, micro_batch] = {lead}.")
+    out["cond"] = raw_cond
+    if dropout > 0:
+      out["drop"] = jax.random.bernoulli(kl, dropout, lead)
+  else:
+    labels = draw_labels(setup, kl, lead)
+    if labels is not None:
+      out["labels"] = labels
   return {k: _constrain(setup, v) for k, v in out.items()}
+
+
+def _conditions(setup: SiDSetup, frozen, d: dict[str, Array], uncond: Array | None):
+  """The micro-batch's conditions: drawn one-hot labels, or encoded batch conditions (computed
+  once per micro-batch, shared by every network) with dropped ones set to `uncond`."""
+  if setup.conditioning is None:
+    return d.get("labels")
+  cond = jax.lax.stop_gradient(setup.conditioning.encode(frozen, d["cond"]))
+  if "drop" in d:
+    mask = d["drop"].reshape((-1,) + (1,) * (cond.ndim - 1))
+    cond = jnp.where(mask, jnp.broadcast_to(uncond, cond.shape).astype(cond.dtype), cond)
+  return cond
+
+
+def _uncond(setup: SiDSetup, frozen) -> Array | None:
+  if setup.conditioning is None:
+    if setup.hyper.guided:
+      raise ValueError("Classifier-free guidance needs conditions with an unconditional "
+                       "counterpart (text prompts); this setup has none.")
+    return None
+  return jax.lax.stop_gradient(setup.conditioning.uncond(frozen))
 
 
 def _accumulate(loss_fn, params, draws: dict[str, Array], num_micro: int, unroll: bool):
@@ -181,14 +262,18 @@ def _apply_updates(tx, params, opt_state, grads):
 # ---------------------------------------------------------------------------------------------
 
 
-def fake_score_step(setup: SiDSetup, state: SiDState, key: Array):
-  """One psi update with the EDM DSM loss on (stop-gradient) generator samples (spec §2)."""
-  h = setup.hyper
+def fake_score_step(setup: SiDSetup, state: SiDState, key: Array, frozen=None,
+                    batch: dict[str, Array] | None = None):
+  """One psi update with denoising score matching on (stop-gradient) generator samples (spec §2;
+  lsg_spec §4.2: the epsilon loss of the kappa_1-guided fake score, with prompt dropout)."""
+  h, levels = setup.hyper, setup.noise_levels
   k_draw, k_drop, k_aug = jax.random.split(key, 3)
-  draws = _draws(setup, k_draw, "rn")
+  draws = _draws(setup, k_draw, levels.fake_draw, (batch or {}).get("fake"),
+                 h.effective_cond_dropout)
+  uncond = _uncond(setup, frozen)
 
   def loss_fn(psi, d, index):
-    labels = d.get("labels")
+    labels = _conditions(setup, frozen, d, uncond)
     x_g = jax.lax.stop_gradient(_generate(setup, state.generator, d["z"], labels))
     aug_labels = None
     if setup.augment is not None:
@@ -196,10 +281,11 @@ def fake_score_step(setup: SiDSetup, state: SiDState, key: Array):
     rng = jax.random.fold_in(k_drop, index)
     fake = functools.partial(setup.fake_score, psi, train=True, rng=rng,
                              **({"return_logvar": True} if h.use_logvar else {}))
-    return losses.dsm_loss(fake, x_g, labels, d["rn"], d["noise"], p_mean=h.p_mean,
-                           p_std=h.p_std, sigma_data=h.sigma_data, loss_scale=h.fake_loss_scale,
-                           batch_size=setup.global_batch, aug_labels=aug_labels,
-                           use_logvar=h.use_logvar)
+    fake = denoisers.guided(fake, h.cfg_fake_train, uncond)
+    sigma, weight = levels.fake(d[levels.fake_draw])
+    return losses.dsm_loss(fake, x_g, labels, sigma, weight, d["noise"],
+                           loss_scale=h.fake_loss_scale, batch_size=setup.global_batch,
+                           aug_labels=aug_labels, use_logvar=h.use_logvar)
 
   psi = _maybe_project(setup, state.fake_score)
   loss, grads, valid = _accumulate(loss_fn, psi, draws, setup.num_micro, setup.unroll_micro)
@@ -214,24 +300,27 @@ def fake_score_step(setup: SiDSetup, state: SiDState, key: Array):
   return state, metrics
 
 
-def generator_step(setup: SiDSetup, state: SiDState, teacher_params, key: Array):
-  """One theta update with the SiD generator loss (spec §3); G in train mode, psi frozen."""
-  h = setup.hyper
+def generator_step(setup: SiDSetup, state: SiDState, teacher_params, key: Array,
+                   batch: dict[str, Array] | None = None):
+  """One theta update with the SiD generator loss (spec §3, lsg_spec §4.3 with the kappa_4-guided
+  teacher and kappa_2-guided fake score); G in train mode, psi frozen."""
+  h, levels = setup.hyper, setup.noise_levels
   k_draw, k_drop = jax.random.split(key)
-  draws = _draws(setup, k_draw, "u")
-  teacher = functools.partial(setup.teacher, teacher_params)
+  draws = _draws(setup, k_draw, levels.gen_draw, (batch or {}).get("gen"))
+  uncond = _uncond(setup, teacher_params)
+  teacher = denoisers.guided(functools.partial(setup.teacher, teacher_params), h.cfg_teacher,
+                             uncond)
   fake_kwargs = {"return_logvar": True} if h.use_logvar else {}
-  fake = functools.partial(setup.fake_score, state.fake_score, **fake_kwargs)
+  fake = denoisers.guided(functools.partial(setup.fake_score, state.fake_score, **fake_kwargs),
+                          h.cfg_fake_eval, uncond)
 
   def loss_fn(theta, d, index):
-    labels = d.get("labels")
+    labels = _conditions(setup, teacher_params, d, uncond)
     rng = jax.random.fold_in(k_drop, index)
     x_g = _generate(setup, theta, d["z"], labels, train=True, rng=rng)
     return losses.sid_generator_loss(
-        teacher, fake, x_g, labels, d["u"],
-        d["noise"], alpha=h.alpha, tmax=h.tmax, sigma_min=h.sigma_min, sigma_max=h.sigma_max,
-        rho=h.rho, loss_scale=h.gen_loss_scale, batch_size=setup.global_batch,
-        use_logvar=h.use_logvar)
+        teacher, fake, x_g, labels, levels.gen(d[levels.gen_draw]), d["noise"], alpha=h.alpha,
+        loss_scale=h.gen_loss_scale, batch_size=setup.global_batch, use_logvar=h.use_logvar)
 
   theta = _maybe_project(setup, state.generator)
   loss, grads, valid = _accumulate(loss_fn, theta, draws, setup.num_micro, setup.unroll_micro)
@@ -270,12 +359,18 @@ def ema_step(setup: SiDSetup, state: SiDState) -> SiDState:
   return state.replace(generator_ema=ema)
 
 
-def train_step(setup: SiDSetup, state: SiDState, teacher_params, base_key: Array):
-  """One SiD iteration: psi step, theta step, EMA. Keys come from fold_in(base_key, step)."""
+def train_step(setup: SiDSetup, state: SiDState, teacher_params, base_key: Array,
+               batch: dict[str, Array] | None = None):
+  """One SiD iteration: psi step, theta step, EMA. Keys come from fold_in(base_key, step).
+
+  `batch` carries per-sample inputs that are not drawn in the step: with `setup.conditioning`,
+  {'fake': raw conditions for the psi step, 'gen': independent ones for the theta step}, each
+  [num_micro, micro_batch, ...] (e.g. token ids).
+  """
   key = jax.random.fold_in(base_key, state.step)
   k_fake, k_gen = jax.random.split(key)
-  state, fake_metrics = fake_score_step(setup, state, k_fake)
-  state, gen_metrics = generator_step(setup, state, teacher_params, k_gen)
+  state, fake_metrics = fake_score_step(setup, state, k_fake, teacher_params, batch)
+  state, gen_metrics = generator_step(setup, state, teacher_params, k_gen, batch)
   state = ema_step(setup, state)
   metrics = {**fake_metrics, **gen_metrics}
   bad = ~(jnp.isfinite(metrics["fake_loss"]) & jnp.isfinite(metrics["gen_loss"]) &

@@ -10,6 +10,11 @@ from sid_jax import denoisers, losses
 SIGMA_DATA = 0.5
 W, W_D = 0.9, 1.5
 SID_RAMP = dict(tmax=800.0, sigma_min=0.002, sigma_max=80.0, rho=7.0)
+LEVELS = losses.EDMNoiseLevels(sigma_data=SIGMA_DATA, **SID_RAMP)
+
+
+def _fake_levels(rn, p_mean=-1.2, p_std=1.2):
+  return losses.EDMNoiseLevels(p_mean=p_mean, p_std=p_std, sigma_data=SIGMA_DATA).fake(rn)
 
 
 @pytest.fixture(autouse=True)
@@ -65,11 +70,12 @@ def test_sigma_ramp_reference_points():
 ])
 def test_sid_generator_loss_reference(use_logvar, alpha, value, grad_sum, grad_sq):
   x, eps, u, _ = _arrays()
+  sig = LEVELS.gen(u)
 
   def f(x):
-    loss, _ = losses.sid_generator_loss(teacher, make_fake(W, use_logvar), x, None, u, eps,
+    loss, _ = losses.sid_generator_loss(teacher, make_fake(W, use_logvar), x, None, sig, eps,
                                         alpha=alpha, loss_scale=100.0, batch_size=2,
-                                        use_logvar=use_logvar, **SID_RAMP)
+                                        use_logvar=use_logvar)
     return loss
 
   loss, grad = jax.value_and_grad(f)(x)
@@ -87,9 +93,9 @@ def test_dsm_loss_reference(use_logvar, p_mean, p_std, value, grad_w):
   x, eps, _, rn = _arrays()
 
   def f(w):
-    loss, _ = losses.dsm_loss(make_fake(w, use_logvar), x, None, rn, eps, p_mean=p_mean,
-                              p_std=p_std, sigma_data=SIGMA_DATA, loss_scale=1.0, batch_size=2,
-                              use_logvar=use_logvar)
+    loss, _ = losses.dsm_loss(make_fake(w, use_logvar), x, None,
+                              *_fake_levels(rn, p_mean, p_std), eps, loss_scale=1.0,
+                              batch_size=2, use_logvar=use_logvar)
     return loss
 
   loss, g = jax.value_and_grad(f)(jnp.asarray(W))
@@ -100,8 +106,9 @@ def test_dsm_loss_reference(use_logvar, p_mean, p_std, value, grad_w):
 def test_float32_matches_reference_loosely():
   """The same loss in float32 lands within the spec's float32 tolerance (1e-4)."""
   x, eps, u, _ = (a.astype(jnp.float32) for a in _arrays())
-  loss, _ = losses.sid_generator_loss(teacher, make_fake(jnp.float32(W)), x, None, u, eps,
-                                      alpha=1.2, loss_scale=100.0, batch_size=2, **SID_RAMP)
+  sig = LEVELS.gen(u)
+  loss, _ = losses.sid_generator_loss(teacher, make_fake(jnp.float32(W)), x, None, sig, eps,
+                                      alpha=1.2, loss_scale=100.0, batch_size=2)
   assert loss.dtype == jnp.float32
   np.testing.assert_allclose(loss, 35.315764450, rtol=1e-4)
 
@@ -109,14 +116,15 @@ def test_float32_matches_reference_loosely():
 def test_generator_gradient_flows_through_both_denoisers_inputs():
   """Detaching y_r / y_f (a common porting mistake) changes the gradient the reference fixes."""
   x, eps, u, _ = _arrays()
-  kw = dict(alpha=1.2, loss_scale=100.0, batch_size=2, **SID_RAMP)
+  sig = LEVELS.gen(u)
+  kw = dict(alpha=1.2, loss_scale=100.0, batch_size=2)
 
   def full(x):
-    return losses.sid_generator_loss(teacher, make_fake(W), x, None, u, eps, **kw)[0]
+    return losses.sid_generator_loss(teacher, make_fake(W), x, None, sig, eps, **kw)[0]
 
   def detached(x):
     sg = lambda fn: (lambda *a: jax.lax.stop_gradient(fn(*a)))
-    return losses.sid_generator_loss(sg(teacher), sg(make_fake(W)), x, None, u, eps, **kw)[0]
+    return losses.sid_generator_loss(sg(teacher), sg(make_fake(W)), x, None, sig, eps, **kw)[0]
 
   g_full, g_det = jax.grad(full)(x), jax.grad(detached)(x)
   assert float(jnp.max(jnp.abs(g_full - g_det))) > 1e-3
@@ -125,26 +133,27 @@ def test_generator_gradient_flows_through_both_denoisers_inputs():
 def test_nan_sample_is_masked_with_global_normaliser():
   """A sample whose teacher output is NaN contributes 0; the other keeps its value / B_global."""
   x, eps, u, _ = _arrays()
-  kw = dict(alpha=1.2, loss_scale=100.0, batch_size=2, **SID_RAMP)
+  sig = LEVELS.gen(u)
+  kw = dict(alpha=1.2, loss_scale=100.0, batch_size=2)
 
   def bad_teacher(x, sigma, labels=None):
     d = teacher(x, sigma)
     return d.at[0].set(jnp.nan)
 
-  loss, aux = losses.sid_generator_loss(bad_teacher, make_fake(W), x, None, u, eps, **kw)
-  _, aux_ok = losses.sid_generator_loss(teacher, make_fake(W), x, None, u, eps, **kw)
+  loss, aux = losses.sid_generator_loss(bad_teacher, make_fake(W), x, None, sig, eps, **kw)
+  _, aux_ok = losses.sid_generator_loss(teacher, make_fake(W), x, None, sig, eps, **kw)
   assert np.isfinite(loss)
   np.testing.assert_array_equal(aux["valid"], [False, True])
   np.testing.assert_allclose(loss, 100.0 * aux_ok["per_sample"][1] / 2, rtol=1e-12)
   grad = jax.grad(
-      lambda x: losses.sid_generator_loss(bad_teacher, make_fake(W), x, None, u, eps, **kw)[0])(x)
+      lambda x: losses.sid_generator_loss(bad_teacher, make_fake(W), x, None, sig, eps, **kw)[0])(x)
   assert np.all(np.isfinite(np.asarray(grad[1])))
 
   def nan_fake(y_noisy, sigma, labels=None):
     return make_fake(W)(y_noisy, sigma).at[1].set(jnp.inf)
 
   x, eps, _, rn = _arrays()
-  dl, daux = losses.dsm_loss(nan_fake, x, None, rn, eps, p_mean=-1.2, p_std=1.2,
-                             sigma_data=SIGMA_DATA, loss_scale=1.0, batch_size=2)
+  dl, daux = losses.dsm_loss(nan_fake, x, None, *_fake_levels(rn), eps, loss_scale=1.0,
+                             batch_size=2)
   np.testing.assert_array_equal(daux["valid"], [True, False])
   np.testing.assert_allclose(dl, daux["per_sample"][0] / 2, rtol=1e-12)
