@@ -147,13 +147,15 @@ def _load_sharded(folder: str, index_name: str, load) -> dict[str, np.ndarray]:
   return out
 
 
-def read_state_dict(folder: str | os.PathLike, variant: str | None = None
+def read_state_dict(folder: str | os.PathLike, variant: str | None = None, *,
+                    stems: tuple[str, str] = ("model", "pytorch_model")
                     ) -> dict[str, np.ndarray]:
   """The state dict stored in a Hugging Face model folder, as numpy arrays.
 
   Looks, in this order, for `model.safetensors`, `model.safetensors.index.json` (sharded),
   `pytorch_model.bin` and `pytorch_model.bin.index.json`; with `variant='fp16'` the names are
-  `model.fp16.safetensors`, ... as diffusers' variants.
+  `model.fp16.safetensors`, ... as diffusers' variants. `stems` are the safetensors and .bin
+  file stems (diffusers' UNet / VAE folders use `diffusion_pytorch_model` for both).
 
   Raises:
     FileNotFoundError naming the files looked for.
@@ -162,11 +164,11 @@ def read_state_dict(folder: str | os.PathLike, variant: str | None = None
   folder = os.fspath(folder)
   infix = f".{variant}" if variant else ""
   candidates = (
-      (f"model{infix}.safetensors", lambda p: _load_safetensors(p)),
-      (f"model{infix}.safetensors.index.json",
+      (f"{stems[0]}{infix}.safetensors", lambda p: _load_safetensors(p)),
+      (f"{stems[0]}{infix}.safetensors.index.json",
        lambda p: _load_sharded(folder, os.path.basename(p), _load_safetensors)),
-      (f"pytorch_model{infix}.bin", lambda p: _load_bin(p)),
-      (f"pytorch_model{infix}.bin.index.json",
+      (f"{stems[1]}{infix}.bin", lambda p: _load_bin(p)),
+      (f"{stems[1]}{infix}.bin.index.json",
        lambda p: _load_sharded(folder, os.path.basename(p), _load_bin)),
   )
   for name, load in candidates:

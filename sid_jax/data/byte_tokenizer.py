@@ -1,4 +1,4 @@
-"""A tiny byte-level CLIP tokenizer on disk, for tests that cannot download the real one.
+"""A byte-level CLIP tokenizer folder (no BPE merges) for tiny configs and offline tests.
 
 The vocabulary has the layout of OpenAI's CLIP vocabulary without any BPE merge: the 256
 byte-level symbols (ids 0-255), the same symbols with the end-of-word suffix `</w>` (ids 256-511),
