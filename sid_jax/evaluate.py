@@ -1,5 +1,5 @@
-"""Sample-quality evaluation: FID, Inception Score, precision/recall, KID — each number named by
-its protocol (`sid_jax.evaluation.protocols`).
+"""Sample-quality evaluation: FID, Inception Score, precision/recall, KID, CLIP score — each
+number named by its protocol (`sid_jax.evaluation.protocols`).
 
 Evaluate a generator checkpoint, a folder of images or an image array:
 
@@ -7,6 +7,12 @@ Evaluate a generator checkpoint, a folder of images or an image array:
       --inception pt_inception-2015-12-05-6726825d.pth --ref cifar10-32x32.npz --metrics fid,is
   python -m sid_jax.evaluate --images DIR --inception FILE --ref STATS.npz
   python -m sid_jax.evaluate --npz samples.npz --inception FILE --ref STATS.npz --metrics fid,pr,kid
+
+CLIP score of text-to-image samples against the captions they were generated from (image i of the
+natural-sorted folder, or of the array, pairs with line i of --captions):
+
+  python -m sid_jax.evaluate --images DIR --metrics clip --captions captions.txt \\
+      --clip_model CLIP-ViT-g-14-laion2B-s12B-b42K [--clip_protocol sid-lsg|plain]
 
 Build reference statistics from real images (add --save_features for precision/recall and KID):
 
@@ -17,7 +23,8 @@ Build reference statistics from real images (add --save_features for precision/r
 
 Output: one JSON line (every result carries `protocol` and the protocol's fields: detector,
 resize, reference, num_samples, params), then a Markdown table. Nothing is downloaded: the
-Inception weights (`--inception`) and reference statistics (`--ref`) are local files.
+Inception weights (`--inception`), reference statistics (`--ref`), CLIP model (`--clip_model`) and
+captions (`--captions`) are local files.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 from typing import Any, Callable, Iterator
 
@@ -32,6 +40,7 @@ from absl import app, flags, logging
 import jax
 import numpy as np
 
+from sid_jax.evaluation import clip_score
 from sid_jax.evaluation import features as features_lib
 from sid_jax.evaluation import metrics as metrics_lib
 from sid_jax.evaluation import protocols
@@ -42,7 +51,7 @@ FLAGS = flags.FlagValues()
 _ = flags.DEFINE_string("checkpoint", None, "A training workdir (or its checkpoints/ directory): "
                         "samples its EMA generator.", flag_values=FLAGS)
 _ = flags.DEFINE_string("images", None, "A folder of PNG/JPEG images (searched recursively, "
-                        "sorted by path).", flag_values=FLAGS)
+                        "natural-sorted by path: img2 before img10).", flag_values=FLAGS)
 _ = flags.DEFINE_string("npz", None, "An .npz holding uint8 images as 'arr_0' or 'images', NHWC "
                         "or NCHW.", flag_values=FLAGS)
 _ = flags.DEFINE_string("tfds", None, "make-ref only: a prepared TFDS dataset NAME:SPLIT (read "
@@ -61,12 +70,29 @@ _ = flags.DEFINE_bool("save_features", False, "make-ref: also store the pool fea
 _ = flags.DEFINE_integer("num", None, "Number of images: generated for --checkpoint (default: "
                          "the protocol's count), the first N otherwise (default: all).",
                          flag_values=FLAGS)
-_ = flags.DEFINE_list("metrics", ["fid"], "Any of fid, is, pr, kid; gmm (Gaussian-mixture "
-                      "teacher checkpoints only).", flag_values=FLAGS)
+_ = flags.DEFINE_list("metrics", ["fid"], "Any of fid, is, pr, kid; clip (text-to-image "
+                      "samples, with --clip_model and --captions); gmm (Gaussian-mixture teacher "
+                      "checkpoints only).", flag_values=FLAGS)
 _ = flags.DEFINE_string("fid_protocol", protocols.DEFAULT_FOR_METRIC["fid"], "FID protocol: "
                         "edm-fid50k or sid-fid50k-full.", flag_values=FLAGS)
-_ = flags.DEFINE_integer("batch", 64, "Detector batch (a multiple of the device count).",
-                         flag_values=FLAGS)
+_ = flags.DEFINE_integer("batch", 64, "Detector batch (a multiple of the device count); also "
+                         "the CLIP model's images per jitted call.", flag_values=FLAGS)
+_ = flags.DEFINE_string("clip_model", None, "--metrics clip: a Hugging Face CLIPModel folder "
+                        "(config.json, model.safetensors or pytorch_model.bin, tokenizer files), "
+                        "e.g. a local copy of laion/CLIP-ViT-g-14-laion2B-s12B-b42K.",
+                        flag_values=FLAGS)
+_ = flags.DEFINE_string("clip_tokenizer", None, "--metrics clip: the CLIP tokenizer's folder "
+                        "(vocab.json, merges.txt) if it is not --clip_model.", flag_values=FLAGS)
+_ = flags.DEFINE_string("captions", None, "--metrics clip: a UTF-8 text file, one caption per "
+                        "line; line i pairs with image i (natural-sorted --images, array order "
+                        "of --npz).", flag_values=FLAGS)
+_ = flags.DEFINE_string("clip_protocol", clip_score.PROTOCOLS[0], "--metrics clip: 'sid-lsg' = "
+                        "the CLIP score SiD-LSG reports (protocol coco2014-clip30k-vitg14: "
+                        "captions prefixed with 'A photo depicts ', GigaGAN/open_clip "
+                        "preprocessing: centre crop, LANCZOS to 256, uint8 round trip, BICUBIC "
+                        "to the model's size); 'plain' = the in-training metric (protocol "
+                        "clip-plain: no prefix, bicubic straight to the model's size).",
+                        flag_values=FLAGS)
 _ = flags.DEFINE_integer("seed", 0, "--checkpoint: seed of the fixed latents and labels.",
                          flag_values=FLAGS)
 _ = flags.DEFINE_integer("step", None, "--checkpoint: which step (default: the latest).",
@@ -80,8 +106,12 @@ _ = flags.DEFINE_string("json_out", None, "Also append the JSON line to this fil
 
 COMMANDS = ("evaluate", "make-ref")
 INCEPTION_METRICS = ("fid", "is", "pr", "kid")
-KNOWN_METRICS = INCEPTION_METRICS + ("gmm",)
+KNOWN_METRICS = INCEPTION_METRICS + ("clip", "gmm")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# What `sid_jax.convert.clip_params.read_state_dict` looks for, and the slow CLIPTokenizer's files.
+CLIP_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                     "pytorch_model.bin.index.json")
+CLIP_TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
 
 class EvaluationError(ValueError):
@@ -173,14 +203,27 @@ def _read_image(path: str) -> np.ndarray:
   return array[..., None] if array.ndim == 2 else array
 
 
+_DIGIT_RUN = re.compile(r"(\d+)")
+
+
+def natural_key(path: str) -> tuple[tuple[str | int, ...], str]:
+  """Sort key comparing the digit runs of `path` as numbers: 'img2.png' before 'img10.png'.
+
+  Zero-padded names ('000123.png', as EDM's and SiD's generators write them) keep their plain
+  string order; `path` itself breaks ties ('01' vs '1').
+  """
+  parts = _DIGIT_RUN.split(path)  # text, digits, text, ...: the same types at the same positions
+  return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), path
+
+
 def folder_source(directory: str, num: int | None) -> ImageSource:
-  """Images from a folder (recursively, sorted by relative path); all of one size and mode."""
+  """Images from a folder (recursively, natural-sorted by relative path); one size and mode."""
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"--images {directory!r} is not a directory.")
   files = []
   for root, _, names in os.walk(directory):
     files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
-  files.sort(key=lambda p: os.path.relpath(p, directory))
+  files.sort(key=lambda p: natural_key(os.path.relpath(p, directory)))
   n = _take_count(len(files), num, f"--images {directory}")
   files = files[:n]
   shape = _read_image(files[0]).shape
@@ -336,6 +379,188 @@ def checkpoint_source(gen: CheckpointGenerator, num: int, seed: int) -> ImageSou
 
 
 # ---------------------------------------------------------------------------------------------
+# CLIP score inputs: the model folder and the captions, checked before anything heavy is loaded.
+# ---------------------------------------------------------------------------------------------
+
+# The model of the registered 'sid-lsg' protocol, open_clip ViT-g-14 (laion2b_s12b_b42k), as its
+# Hugging Face config describes it.
+VITG14_SHAPE = {"image_size": 224, "patch_size": 14, "vision_layers": 40, "vision_width": 1408,
+                "text_layers": 24, "text_width": 1024, "projection_dim": 1024}
+
+
+@dataclasses.dataclass
+class ClipInputs:
+  """The checked `--metrics clip` settings.
+
+  Attributes:
+    model_dir: the Hugging Face CLIPModel folder (absolute path).
+    tokenizer_dir: the tokenizer's folder (absolute path; `model_dir` unless --clip_tokenizer).
+    captions_path: the captions file (absolute path).
+    captions: its captions, one per line, in file order.
+    preprocess: 'sid-lsg' or 'plain' (`clip_score.PROTOCOLS`).
+    protocol: the registered protocol of `preprocess`.
+    model_info: the folders and the model's sizes (from config.json), recorded with the score.
+    notes: caveats printed with the score.
+  """
+  model_dir: str
+  tokenizer_dir: str
+  captions_path: str
+  captions: list[str]
+  preprocess: str
+  protocol: protocols.Protocol
+  model_info: dict[str, Any]
+  notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def read_captions(path: str) -> list[str]:
+  """The captions of a UTF-8 text file, one per line.
+
+  Line ends (\\n, \\r\\n, \\r) are removed and the file's final line end does not start an empty
+  caption; an empty line inside the file is an empty caption (it still pairs with an image). A
+  UTF-8 byte order mark is dropped.
+
+  Raises:
+    EvaluationError: for a file that is not UTF-8 text.
+  """
+  try:
+    with open(path, encoding="utf-8-sig") as f:
+      lines = f.read().split("\n")
+  except UnicodeDecodeError as e:
+    raise EvaluationError(f"--captions {path} is not UTF-8 text: {e}.") from None
+  if lines[-1] == "":
+    lines.pop()
+  return lines
+
+
+def check_clip_inputs(kind: str) -> ClipInputs:
+  """Checks the `--metrics clip` flags and files and reads the captions; loads no weights.
+
+  Args:
+    kind: the image source flag: 'images' or 'npz' ('checkpoint' is refused).
+
+  Returns:
+    The checked settings.
+
+  Raises:
+    EvaluationError: naming the flag to change.
+  """
+  from sid_jax.convert import clip_params  # pylint: disable=g-import-not-at-top
+  from sid_jax.nets import clip  # pylint: disable=g-import-not-at-top
+  if kind == "checkpoint":
+    raise EvaluationError(
+        "--metrics clip does not take --checkpoint: a SiD training checkpoint stores no captions "
+        "to pair its samples with. Generate the text-to-image samples, then pass them with "
+        "--images DIR or --npz FILE and their prompts with --captions FILE.")
+  if FLAGS.clip_protocol not in clip_score.PROTOCOLS:
+    raise EvaluationError(f"--clip_protocol={FLAGS.clip_protocol!r}: expected sid-lsg (the CLIP "
+                          "score SiD-LSG reports) or plain (the in-training metric).")
+  missing = [f"--{name}" for name in ("clip_model", "captions") if not FLAGS[name].value]
+  if missing:
+    raise EvaluationError(
+        f"--metrics clip needs {' and '.join(missing)}: --clip_model DIR is a Hugging Face "
+        "CLIPModel folder (config.json, weights, tokenizer files), --captions FILE holds one "
+        "caption per line in image order.")
+
+  model_dir = os.path.abspath(FLAGS.clip_model)
+  if not os.path.isdir(model_dir):
+    raise EvaluationError(f"--clip_model {FLAGS.clip_model!r} is not a directory.")
+  if not os.path.isfile(os.path.join(model_dir, "config.json")):
+    raise EvaluationError(f"--clip_model {model_dir} has no config.json: expected a Hugging Face "
+                          "CLIPModel folder, e.g. a local copy of "
+                          "laion/CLIP-ViT-g-14-laion2B-s12B-b42K.")
+  if not any(os.path.isfile(os.path.join(model_dir, name)) for name in CLIP_WEIGHT_FILES):
+    raise EvaluationError(f"--clip_model {model_dir} has no weights: looked for "
+                          f"{', '.join(CLIP_WEIGHT_FILES)}.")
+  try:
+    model = clip.clip_model_from_hf_config(clip_params.read_config(model_dir))
+  except ValueError as e:  # also a config.json that is not JSON
+    raise EvaluationError(f"--clip_model {model_dir}/config.json: {e}") from None
+
+  tokenizer_flag = "--clip_tokenizer" if FLAGS.clip_tokenizer else "--clip_model"
+  tokenizer_dir = os.path.abspath(FLAGS.clip_tokenizer or FLAGS.clip_model)
+  if not os.path.isdir(tokenizer_dir):
+    raise EvaluationError(f"--clip_tokenizer {FLAGS.clip_tokenizer!r} is not a directory.")
+  absent = [name for name in CLIP_TOKENIZER_FILES
+            if not os.path.isfile(os.path.join(tokenizer_dir, name))]
+  if absent:
+    hint = "" if FLAGS.clip_tokenizer else "; pass --clip_tokenizer DIR if it lives elsewhere"
+    raise EvaluationError(f"{tokenizer_flag} {tokenizer_dir} has no {' and no '.join(absent)} "
+                          f"(the CLIP tokenizer's files){hint}.")
+
+  captions_path = os.path.abspath(FLAGS.captions)
+  if not os.path.isfile(captions_path):
+    raise EvaluationError(f"--captions {FLAGS.captions!r} does not exist (expected a text file, "
+                          "one caption per line).")
+  captions = read_captions(captions_path)
+  if not captions:
+    raise EvaluationError(f"--captions {captions_path} holds no captions.")
+
+  text, vision = model.text_model, model.vision_model
+  shape = {"image_size": vision.image_size, "patch_size": vision.patch_size,
+           "vision_layers": vision.num_hidden_layers, "vision_width": vision.hidden_size,
+           "text_layers": text.num_hidden_layers, "text_width": text.hidden_size,
+           "projection_dim": model.projection_dim}
+  preprocess = FLAGS.clip_protocol
+  notes = []
+  if preprocess == "sid-lsg" and shape != VITG14_SHAPE:
+    differ = ", ".join(f"{k}={v} (ViT-g-14: {VITG14_SHAPE[k]})" for k, v in shape.items()
+                       if v != VITG14_SHAPE[k])
+    notes.append(f"the CLIP model is not ViT-g-14 ({differ}): not comparable with SiD-LSG's "
+                 "reported CLIP score")
+  return ClipInputs(model_dir=model_dir, tokenizer_dir=tokenizer_dir,
+                    captions_path=captions_path, captions=captions, preprocess=preprocess,
+                    protocol=protocols.get(clip_score.REGISTERED[preprocess]),
+                    model_info={"path": model_dir, "tokenizer": tokenizer_dir, **shape},
+                    notes=notes)
+
+
+def paired_captions(inputs: ClipInputs, source: ImageSource, num: int | None) -> list[str]:
+  """The captions of `source`'s images: all of them, or the first `num` of both.
+
+  Raises:
+    EvaluationError: naming both counts when they differ (and `num` does not limit both).
+  """
+  have = len(inputs.captions)
+  if num is not None:
+    if have < num:
+      raise EvaluationError(f"--num={num}, but --captions {inputs.captions_path} holds {have} "
+                            "captions.")
+    return inputs.captions[:num]
+  if have != source.num:
+    raise EvaluationError(
+        f"--captions {inputs.captions_path} holds {have} captions, but --{source.kind} "
+        f"{source.path} holds {source.num} images: one caption per image (or evaluate the "
+        "first N of both with --num N).")
+  return inputs.captions
+
+
+def clip_result(inputs: ClipInputs, source: ImageSource, captions: list[str],
+                batch: int) -> dict[str, Any]:
+  """Loads the CLIP model and scores `source` against `captions`, `batch` images at a time.
+
+  Returns:
+    The result record: metric 'clip', `clip_score` (the mean raw cosine similarity over the
+    images), the protocol's fields (the registered protocol derived with the image count), the
+    model, the captions file and notes.
+  """
+  logging.info("Loading the CLIP model from %s.", inputs.model_dir)
+  scorer = clip_score.load_scorer(inputs.model_dir, inputs.tokenizer_dir,
+                                  protocol=inputs.preprocess, batch_size=batch)
+  logging.info("Computing the CLIP score (%s) of %d images from %s.", inputs.preprocess,
+               source.num, source.path)
+  cosines, start = [], 0
+  for images in source.rgb_batches(batch):
+    cosines.append(scorer.score(images, captions[start:start + len(images)])["per_image"])
+    start += len(images)
+  per_image = np.concatenate(cosines)
+  protocol = inputs.protocol.derive(num_samples=len(per_image))
+  return {"metric": "clip", "clip_score": float(np.mean(per_image, dtype=np.float64)),
+          **protocol.fields(), "clip_model": inputs.model_info,
+          "captions_path": inputs.captions_path, "clip_notes": inputs.notes,
+          "input_notes": source.notes}
+
+
+# ---------------------------------------------------------------------------------------------
 # Evaluation.
 # ---------------------------------------------------------------------------------------------
 
@@ -401,6 +626,12 @@ def evaluate_command() -> dict[str, Any]:
   if "gmm" in metrics and kind != "checkpoint":
     raise EvaluationError("--metrics gmm needs --checkpoint (a run with the GMM teacher).")
   inception_metrics = [m for m in metrics if m in INCEPTION_METRICS]
+  clip_flags = [f"--{name}" for name in ("clip_model", "clip_tokenizer", "captions")
+                if FLAGS[name].value]
+  if clip_flags and "clip" not in metrics:
+    raise EvaluationError(f"{', '.join(clip_flags)} only serve --metrics clip; add clip to "
+                          f"--metrics={','.join(metrics)}.")
+  clip_inputs = check_clip_inputs(kind) if "clip" in metrics else None
 
   # Protocols, reference and settings: everything is checked before any image is touched.
   fid_protocol = _fid_protocol(FLAGS.fid_protocol)
@@ -437,7 +668,7 @@ def evaluate_command() -> dict[str, Any]:
   _check_batch(FLAGS.batch, mesh)
 
   source = None
-  if inception_metrics:
+  if inception_metrics or clip_inputs is not None:
     if kind == "checkpoint":
       num = FLAGS.num or protocols.get(
           protocols.DEFAULT_FOR_METRIC[inception_metrics[0]]).num_samples
@@ -449,6 +680,9 @@ def evaluate_command() -> dict[str, Any]:
     if "is" in metrics and source.num < FLAGS.is_splits:
       raise EvaluationError(f"--metrics is with --is_splits={FLAGS.is_splits} needs at least "
                             f"{FLAGS.is_splits} images; {source.path} gives {source.num}.")
+  captions = None
+  if clip_inputs is not None:
+    captions = paired_captions(clip_inputs, source, FLAGS.num)
 
   detector, weights = None, None
   if inception_metrics:
@@ -488,6 +722,9 @@ def evaluate_command() -> dict[str, Any]:
         value = metrics_lib.kid(ref.features, stream.features["pool"], p.param("num_subsets"),
                                 p.param("subset_size"), p.param("seed"))
         results.append({"metric": "kid", "kid": value, **p.fields(), **ref.describe(), **common})
+
+  if clip_inputs is not None:
+    results.append(clip_result(clip_inputs, source, captions, FLAGS.batch))
 
   if "gmm" in metrics:
     from sid_jax import train  # pylint: disable=g-import-not-at-top
@@ -542,7 +779,8 @@ def make_ref_command() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 _VALUE_KEYS = {"fid": ("fid",), "is": ("is_mean", "is_std"), "pr": ("precision", "recall"),
-               "kid": ("kid",), "gmm": ("frechet_distance", "nearest_component_accuracy")}
+               "kid": ("kid",), "clip": ("clip_score",),
+               "gmm": ("frechet_distance", "nearest_component_accuracy")}
 
 
 def _fmt(value) -> str:
@@ -560,8 +798,9 @@ def markdown(record: dict[str, Any]) -> str:
     lines = ["| metric | value | protocol | samples | reference |", "|---|---|---|---|---|"]
     for r in record["results"]:
       values = ", ".join(f"{k}={_fmt(r[k])}" for k in _VALUE_KEYS[r["metric"]] if k in r)
+      reference = r.get("ref_path") or r.get("captions_path") or r["reference"]
       lines.append(f"| {r['metric']} | {values} | {r['protocol']} | {r['num_samples']} | "
-                   f"{r.get('ref_path') or r['reference']} |")
+                   f"{reference} |")
     protos = record["results"]
   lines.append("")
   seen = set()
@@ -573,6 +812,10 @@ def markdown(record: dict[str, Any]) -> str:
     lines.append(f"- `{p['protocol']}`: detector {p['detector']}; resize {p['resize']}; "
                  f"reference {p['reference']}; {p['num_samples']} samples; {params}."
                  + ("" if p["standard_protocol"] else " (derived: not the registered protocol)"))
+    if "clip_model" in p:
+      lines.append(f"  CLIP model {p['clip_model']['path']} (tokenizer "
+                   f"{p['clip_model']['tokenizer']}); captions {p['captions_path']}"
+                   + "".join(f"; {note}" for note in p["clip_notes"]) + ".")
   notes = record["source"].get("notes")
   if notes:
     lines.append(f"- input: {'; '.join(notes)}.")

@@ -17,6 +17,7 @@ import transformers
 from PIL import Image
 from safetensors.numpy import save_file
 
+from sid_jax import evaluate
 from sid_jax.convert import clip_params
 from sid_jax.evaluation import clip_score, protocols
 from sid_jax.nets import clip
@@ -409,3 +410,175 @@ def test_config_json_round_trip(clip_torch):
   assert model.text_model.eos_token_id == tiny_tokenizer.EOS_ID
   assert model.text_model.hidden_act == "gelu" and model.vision_model.hidden_act == "quick_gelu"
   assert (model.vision_model.patch_size, model.vision_model.num_channels) == (6, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# `python -m sid_jax.evaluate --metrics clip`.
+# ---------------------------------------------------------------------------------------------
+
+# Natural order img1, img2, img10 (string order would be img1, img10, img2); an empty caption too.
+CLI_NAMES = ("img1.png", "img2.png", "img10.png")
+CLI_CAPTIONS = ["a red square &amp; a cat", "", "two dogs on grass"]
+
+
+@pytest.fixture(scope="module")
+def clip_cli_files(clip_torch, tmp_path_factory):
+  """Paths of a CLIPModel folder (with the tiny tokenizer), PNGs, captions and .npz files."""
+  root = tmp_path_factory.mktemp("clip_cli")
+  model_dir = root / "clip"
+  clip_torch[0].save_pretrained(model_dir)
+  tiny_tokenizer.write_tiny_clip_tokenizer(model_dir, pad_token="!")
+  no_weights = root / "config_only"
+  clip_torch[0].config.save_pretrained(no_weights)
+  images = np.random.default_rng(3).integers(0, 256, (4, 40, 40, 3), dtype=np.uint8)
+  (root / "pngs").mkdir()
+  for name, image in zip(CLI_NAMES, images):
+    Image.fromarray(image).save(root / "pngs" / name)
+  np.savez(root / "four.npz", arr_0=images)  # one image more than there are captions
+  (root / "captions.txt").write_text("\n".join(CLI_CAPTIONS) + "\n", encoding="utf-8")
+  (root / "empty.txt").write_text("", encoding="utf-8")
+  return {"root": str(root), "model": str(model_dir), "no_weights": str(no_weights),
+          "pngs": str(root / "pngs"), "npz": str(root / "four.npz"),
+          "captions": str(root / "captions.txt"), "empty": str(root / "empty.txt"),
+          "images": images}
+
+
+def _clip_cli(capsys, *args):
+  record = evaluate.run(["sid_jax.evaluate", "--metrics=clip", "--batch=8", *args])
+  lines = capsys.readouterr().out.splitlines()
+  assert json.loads(lines[0]) == json.loads(json.dumps(record, default=str))
+  (result,) = record["results"]
+  return result, "\n".join(lines[1:])
+
+
+def test_read_captions_and_natural_order(tmp_path):
+  path = tmp_path / "c.txt"
+  path.write_bytes("\ufeffa cat\r\n\r\n  two dogs \nlast".encode("utf-8"))
+  assert evaluate.read_captions(str(path)) == ["a cat", "", "  two dogs ", "last"]
+  path.write_bytes(b"\xff\xfe")
+  with pytest.raises(evaluate.EvaluationError, match="--captions .* not UTF-8"):
+    evaluate.read_captions(str(path))
+  names = ["b/img10.png", "a/img2.png", "b/img9.png", "img01.png", "img1.png", "a/img10.png"]
+  assert sorted(names, key=evaluate.natural_key) == [
+      "a/img2.png", "a/img10.png", "b/img9.png", "b/img10.png", "img01.png", "img1.png"]
+
+
+@pytest.mark.parametrize("preprocess,registered", [("sid-lsg", "coco2014-clip30k-vitg14"),
+                                                   ("plain", "clip-plain")])
+def test_evaluate_cli_clip_score(capsys, clip_flax, clip_cli_files, preprocess, registered):
+  files = clip_cli_files
+  result, table = _clip_cli(capsys, f"--images={files['pngs']}", f"--clip_model={files['model']}",
+                            f"--captions={files['captions']}", f"--clip_protocol={preprocess}")
+  scorer = clip_score.CLIPScorer(*clip_flax, clip_score.load_tokenizer(files["model"]),
+                                 protocol=preprocess, batch_size=8)
+  images = files["images"][:3]  # img1, img2, img10: the natural order
+  expected = scorer.score(images, CLI_CAPTIONS)["mean"]
+  np.testing.assert_allclose(result["clip_score"], expected, rtol=1e-6)
+  # The pairing matters: string order (img1, img10, img2) would give another score.
+  assert abs(scorer.score(images[[0, 2, 1]], CLI_CAPTIONS)["mean"] - expected) > 1e-4
+  name = f"{registered}[n=3]"
+  assert result["metric"] == "clip" and result["protocol"] == name
+  assert result["num_samples"] == 3 and not result["standard_protocol"]
+  assert result["params"] == {"preprocess": preprocess}
+  assert result["detector"] == protocols.get(registered).detector
+  assert result["captions_path"] == files["captions"]
+  assert result["clip_model"] == {"path": files["model"], "tokenizer": files["model"],
+                                  "image_size": 30, "patch_size": 6, "vision_layers": 2,
+                                  "vision_width": 32, "text_layers": 2, "text_width": 32,
+                                  "projection_dim": 16}
+  # Only the SiD-LSG protocol names a model (ViT-g-14); the tiny one is flagged as another.
+  assert len(result["clip_notes"]) == (preprocess == "sid-lsg")
+  if preprocess == "sid-lsg":
+    assert "not ViT-g-14 (image_size=30 (ViT-g-14: 224)" in result["clip_notes"][0]
+  row = f"| clip | clip_score={result['clip_score']:.6g} | {name} | 3 | {files['captions']} |"
+  assert row in table and f"- `{name}`: detector " in table
+  assert f"CLIP model {files['model']}" in table
+
+
+def test_evaluate_cli_clip_num_limits_images_and_captions(capsys, clip_flax, clip_cli_files):
+  files = clip_cli_files
+  args = [f"--npz={files['npz']}", f"--clip_model={files['model']}",
+          f"--clip_tokenizer={files['model']}", f"--captions={files['captions']}"]
+  with pytest.raises(evaluate.EvaluationError,
+                     match=r"--captions .* holds 3 captions, but --npz .* holds 4 images"):
+    evaluate.run(["sid_jax.evaluate", "--metrics=clip", "--batch=8", *args])
+  result, _ = _clip_cli(capsys, *args, "--num=2")  # the default protocol: sid-lsg
+  scorer = clip_score.CLIPScorer(*clip_flax, clip_score.load_tokenizer(files["model"]),
+                                 protocol="sid-lsg", batch_size=8)
+  expected = scorer.score(files["images"][:2], CLI_CAPTIONS[:2])["mean"]
+  np.testing.assert_allclose(result["clip_score"], expected, rtol=1e-6)
+  assert result["protocol"] == "coco2014-clip30k-vitg14[n=2]" and result["num_samples"] == 2
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--images={pngs}", "--captions={captions}"], "--metrics clip needs --clip_model"),
+    (["--images={pngs}", "--clip_model={model}"], "--metrics clip needs --captions"),
+    (["--images={pngs}"], "needs --clip_model and --captions"),
+    (["--checkpoint={root}", "--clip_model={model}", "--captions={captions}"],
+     "does not take --checkpoint: a SiD training checkpoint stores no captions"),
+    (["--images={pngs}", "--clip_model={root}/nope", "--captions={captions}"],
+     "--clip_model .*nope' is not a directory"),
+    (["--images={pngs}", "--clip_model={pngs}", "--captions={captions}"],
+     "--clip_model .* has no config.json"),
+    (["--images={pngs}", "--clip_model={no_weights}", "--captions={captions}"],
+     "--clip_model .* has no weights: looked for model.safetensors"),
+    (["--images={pngs}", "--clip_model={text_encoder}", "--captions={captions}"],
+     "--clip_model .*config.json: Unsupported CLIPModel model_type 'clip_text_model'"),
+    (["--images={pngs}", "--clip_model={model}", "--clip_tokenizer={pngs}",
+      "--captions={captions}"], "--clip_tokenizer .* has no vocab.json and no merges.txt"),
+    (["--images={pngs}", "--clip_model={model}", "--clip_tokenizer={root}/nope",
+      "--captions={captions}"], "--clip_tokenizer .*nope' is not a directory"),
+    (["--images={pngs}", "--clip_model={model}", "--captions={root}/missing.txt"],
+     "--captions .*missing.txt' does not exist"),
+    (["--images={pngs}", "--clip_model={model}", "--captions={empty}"],
+     "--captions .* holds no captions"),
+    (["--images={pngs}", "--clip_model={model}", "--captions={captions}",
+      "--clip_protocol=clipscore"], "--clip_protocol='clipscore': expected sid-lsg"),
+    (["--npz={npz}", "--clip_model={model}", "--captions={captions}", "--num=4"],
+     "--num=4, but --captions .* holds 3 captions"),
+    (["--npz={npz}", "--clip_model={model}", "--captions={captions}", "--num=5"],
+     "--num=5, but .* holds 4 images"),
+])
+def test_evaluate_cli_clip_errors(monkeypatch, clip_cli_files, text_models, args, pattern):
+  def heavy(*unused_args, **unused_kw):
+    raise AssertionError("loaded weights before checking the flags")
+
+  # Every error comes before any weights are read or any checkpoint restored.
+  monkeypatch.setattr(clip_params, "load_clip_model", heavy)
+  monkeypatch.setattr(clip_score, "load_scorer", heavy)
+  monkeypatch.setattr(evaluate, "restore_generator", heavy)
+  paths = dict(clip_cli_files, text_encoder=text_models["gelu"][1])
+  argv = ["sid_jax.evaluate", "--metrics=clip", "--batch=8"] + [a.format(**paths) for a in args]
+  with pytest.raises(evaluate.EvaluationError, match=pattern):
+    evaluate.run(argv)
+
+
+def test_evaluate_cli_clip_flags_need_the_clip_metric(clip_cli_files):
+  with pytest.raises(evaluate.EvaluationError,
+                     match="--clip_model, --captions only serve --metrics clip; add clip to "
+                           "--metrics=is"):
+    evaluate.run(["sid_jax.evaluate", f"--npz={clip_cli_files['npz']}", "--metrics=is",
+                  f"--clip_model={clip_cli_files['model']}",
+                  f"--captions={clip_cli_files['captions']}"])
+
+
+def test_evaluate_cli_clip_with_an_inception_metric(tmp_path, capsys, clip_flax, clip_cli_files):
+  """clip combines with the Inception metrics: one image source, one result per metric."""
+  from tests.test_metrics import _random_inception_state_dict  # pylint: disable=g-import-not-at-top
+  files = clip_cli_files
+  inception = tmp_path / "inception.npz"
+  np.savez(inception, **_random_inception_state_dict(seed=1))
+  record = evaluate.run(["sid_jax.evaluate", f"--images={files['pngs']}", "--metrics=is,clip",
+                         "--is_splits=1", f"--inception={inception}", "--batch=8",
+                         f"--clip_model={files['model']}", f"--captions={files['captions']}",
+                         "--clip_protocol=plain"])
+  table = capsys.readouterr().out
+  is_result, clip_result = record["results"]
+  assert is_result["metric"] == "is" and is_result["protocol"] == "is50k[n=3,splits=1]"
+  assert np.isfinite(is_result["is_mean"])
+  scorer = clip_score.CLIPScorer(*clip_flax, clip_score.load_tokenizer(files["model"]),
+                                 protocol="plain", batch_size=8)
+  expected = scorer.score(files["images"][:3], CLI_CAPTIONS)["mean"]
+  assert clip_result["protocol"] == "clip-plain[n=3]"
+  np.testing.assert_allclose(clip_result["clip_score"], expected, rtol=1e-6)
+  assert "| is | " in table and "| clip | clip_score=" in table
