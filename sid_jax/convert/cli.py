@@ -4,8 +4,13 @@
 names), builds the network spec `{'class_name', 'kwargs'}`, builds the denoiser with
 `models.build_denoiser`, converts the weights with the strict converter of the family
 (`edm_params` / `edm2_params`) and writes `checkpoints.save_network(dst, params, spec)`, plus a
-`source.json` that records where the weights came from. Every problem a user can cause raises
-`ConversionError` (or FileNotFoundError, or the converter's ValueError naming the keys).
+`source.json` that records where the weights came from.
+
+`convert_sd()` does the same for Stable Diffusion: a local diffusers folder (optionally with the
+UNet of a released SiD-LSG generator pickle) -> `stable_diffusion.save`'s model directory.
+
+Every problem a user can cause raises `ConversionError` (or FileNotFoundError, or the converter's
+ValueError naming the keys).
 """
 
 from __future__ import annotations
@@ -14,13 +19,16 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
+import shutil
+import zipfile
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 
 from sid_jax import checkpoints, models
-from sid_jax.convert import edm2_params, edm_params, pickles
+from sid_jax.convert import edm2_params, edm_params, pickles, strict
 
 SOURCE_RECORD = "source.json"
 PICKLE_EXTENSIONS = (".pkl", ".pickle")
@@ -261,10 +269,7 @@ def convert(family: str, src: str, dst: str, *, key: str = "ema", spec_path: str
     raise ConversionError(f"Unknown model family {family!r}; expected one of {sorted(FAMILIES)}.")
   if not os.path.isfile(src):
     raise FileNotFoundError(f"--src {src!r}: no such file.")
-  dst = os.path.abspath(dst)
-  if os.path.isfile(dst) or (os.path.isdir(dst) and os.listdir(dst) and not overwrite):
-    raise ConversionError(f"--dst {dst!r} already exists and is not an empty directory; choose "
-                          "another one or pass --overwrite.")
+  dst = check_dst(dst, overwrite)
 
   spec, state_dict, fmt = read_source(src, key, spec_path)
   check_family(family, spec["class_name"])
@@ -282,3 +287,229 @@ def convert(family: str, src: str, dst: str, *, key: str = "ema", spec_path: str
   return Summary(class_name=spec["class_name"], model_type=spec["kwargs"].get("model_type"),
                  num_params=num_params, src=src, src_sha256=src_sha256,
                  key=key if fmt == "pickle" else None, dst=dst)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stable Diffusion: a diffusers folder (and optionally a SiD-LSG generator pickle).
+# ---------------------------------------------------------------------------------------------
+
+SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SD_PARTS = ("unet", "text_encoder", "vae")
+# The file stems (safetensors, .bin) `clip_params.read_state_dict` looks for in each weight folder.
+SD_WEIGHT_STEMS = {
+    "unet": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
+    "vae": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
+    "text_encoder": ("model", "pytorch_model"),
+}
+# The released SiD-LSG generators take one step from t_init = 625 (config_base.lsg_config). The
+# pickles do not record it; source.json does, for whoever samples from the converted UNet.
+LSG_INIT_TIMESTEP = 625
+CONVERT_EXTRA = "pip install 'sid_jax[convert]' diffusers"
+
+
+@dataclasses.dataclass
+class SDSummary:
+  """What `convert_sd` did."""
+  src: str
+  dst: str
+  variant: str | None
+  num_params: dict[str, int]
+  generator: str | None = None
+  key: str | None = None
+
+  def lines(self) -> list[str]:
+    where = self.src + (f" (variant {self.variant})" if self.variant else "")
+    counts = ", ".join(f"{part} {n:,}" for part, n in self.num_params.items())
+    out = [f"converted StableDiffusion from {where}"]
+    if self.generator:
+      out.append(f"  UNet from:     {self.generator} [{self.key!r}] (SiD-LSG generator, "
+                 f"t_init = {LSG_INIT_TIMESTEP})")
+    out += [
+        f"  parameters:    {sum(self.num_params.values()):,} ({counts})",
+        f"  written to:    {self.dst}",
+    ]
+    if not self.generator:
+      out.append(f"  use it with:   --config.teacher.checkpoint={self.dst}")
+    return out
+
+
+def check_dst(dst: str, overwrite: bool) -> str:
+  """The absolute `dst`; raises if it is a file, or a non-empty directory without `overwrite`."""
+  dst = os.path.abspath(dst)
+  if os.path.isfile(dst) or (os.path.isdir(dst) and os.listdir(dst) and not overwrite):
+    raise ConversionError(f"--dst {dst!r} already exists and is not an empty directory; choose "
+                          "another one or pass --overwrite.")
+  return dst
+
+
+def check_diffusers_folder(src: str) -> str:
+  """The absolute `src`; raises naming the first missing folder of a diffusers SD model."""
+  src = os.path.abspath(src)
+  if not os.path.isdir(src):
+    raise ConversionError(f"--src {src!r}: no such directory (expected a local diffusers Stable "
+                          f"Diffusion folder with {', '.join(f'{s}/' for s in SD_SUBFOLDERS)}).")
+  missing = [os.path.join(src, s) for s in SD_SUBFOLDERS if not os.path.isdir(os.path.join(src, s))]
+  if missing:
+    raise ConversionError(f"--src {src!r} is not a diffusers Stable Diffusion folder: "
+                          f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing.")
+  return src
+
+
+def weight_files(folder: str, variant: str | None, stems: tuple[str, str]) -> list[str]:
+  """The files `clip_params.read_state_dict(folder, variant, stems=stems)` reads, in its order of
+  preference: one weight file, or a sharded index followed by its shards. [] if none exists."""
+  infix = f".{variant}" if variant else ""
+  for name in (f"{stems[0]}{infix}.safetensors", f"{stems[0]}{infix}.safetensors.index.json",
+               f"{stems[1]}{infix}.bin", f"{stems[1]}{infix}.bin.index.json"):
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+      continue
+    if not name.endswith(".index.json"):
+      return [path]
+    with open(path, encoding="utf-8") as f:
+      shards = sorted(set(json.load(f).get("weight_map", {}).values()))
+    return [path] + [os.path.join(folder, s) for s in shards]
+  return []
+
+
+def _plain(value: Any) -> Any:
+  """Config values as JSON would store them (tuples -> lists), for comparison."""
+  if isinstance(value, Mapping):
+    return {str(k): _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  return value
+
+
+def config_differences(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[str]:
+  """'name: a != b' for every public setting both configs hold with different values."""
+  out = []
+  for name in sorted(set(ours) & set(theirs)):
+    if name.startswith("_"):
+      continue
+    a, b = _plain(ours[name]), _plain(theirs[name])
+    if a != b:
+      out.append(f"{name}: {a!r} != {b!r}")
+  return out
+
+
+def read_generator_pickle(path: str, key: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """(state_dict as numpy arrays, config) of the diffusers UNet under `key` of a SiD-LSG pickle.
+
+  A released SiD-LSG generator is a plain Python pickle of `{'ema': UNet2DConditionModel}`, a
+  whole torch module. Unpickling a module imports its classes and can run arbitrary code from the
+  file, so this is done only for the file the user names with `--generator`; it needs torch and
+  diffusers. A `torch.save` archive of the same dict is read with `torch.load(weights_only=False)`.
+  `key` '' takes the pickle's top-level object itself.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--generator {path!r}: no such file.")
+  try:
+    import diffusers  # pylint: disable=g-import-not-at-top,unused-import
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ConversionError(f"Reading the generator pickle {path} needs torch and diffusers "
+                          f"({e}): {CONVERT_EXTRA}") from None
+  try:
+    if zipfile.is_zipfile(path):
+      obj = torch.load(path, map_location="cpu", weights_only=False)
+    else:
+      with open(path, "rb") as f:
+        obj = pickle.load(f)  # The user vouches for this file (see the docstring).
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConversionError(f"Unpickling {path} failed: {type(e).__name__}: {e}") from None
+  if key == "":
+    value, where = obj, path
+  else:
+    if not isinstance(obj, Mapping):
+      raise ConversionError(f"{path} holds a {type(obj).__name__}, not a dict like "
+                            "{'ema': UNet2DConditionModel}; pass --key '' to use it whole.")
+    if key not in obj:
+      contents = ", ".join(f"{k!r} ({type(v).__name__})" for k, v in obj.items())
+      raise ConversionError(f"{path} has no key {key!r}; it holds {contents or 'nothing'}. "
+                            "Choose one with --key.")
+    value, where = obj[key], f"{path}[{key!r}]"
+  if not isinstance(value, torch.nn.Module):
+    raise ConversionError(f"{where} is a {type(value).__name__}, not a torch module.")
+  if type(value).__name__ != "UNet2DConditionModel":
+    raise ConversionError(f"{where} is a {type(value).__name__}; a SiD-LSG generator is a "
+                          "diffusers UNet2DConditionModel.")
+  state_dict = {name: strict.to_numpy(t) for name, t in value.state_dict().items()}
+  return state_dict, _plain(dict(getattr(value, "config", {})))
+
+
+def convert_sd(src: str, dst: str, *, variant: str | None = None, generator: str | None = None,
+               key: str = "ema", overwrite: bool = False) -> SDSummary:
+  """Converts a local diffusers Stable Diffusion folder into the sid_jax model `dst`.
+
+  Writes `stable_diffusion.save`'s network.json, params/ and tokenizer/, plus `source.json`
+  recording the source folder, the subfolders and variant read, the sha256 of every weight file
+  read and, with `generator`, the pickle the UNet came from.
+
+  Args:
+    src: the diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/), e.g. a local
+      copy of stable-diffusion-v1-5. With `generator`, the generator's teacher: its text encoder,
+      VAE, tokenizer, scheduler and UNet config are used.
+    dst: output directory.
+    variant: weight file variant, e.g. 'fp16' (`diffusion_pytorch_model.fp16.safetensors`).
+    generator: a released SiD-LSG generator pickle whose UNet replaces `src`'s (see
+      `read_generator_pickle`: unpickling it runs code from the file).
+    key: the pickle entry holding the generator UNet ('' = the whole pickle).
+    overwrite: replace an existing non-empty `dst` (its tokenizer/ folder is removed first).
+
+  Raises:
+    ConversionError, FileNotFoundError or ValueError (the converters' key reports).
+  """
+  from sid_jax import stable_diffusion  # pylint: disable=g-import-not-at-top
+  src = check_diffusers_folder(src)
+  dst = check_dst(dst, overwrite)
+
+  gen_record, unet_state_dict = None, None
+  if generator is not None:
+    unet_state_dict, gen_config = read_generator_pickle(generator, key)
+    with open(os.path.join(src, "unet", "config.json"), encoding="utf-8") as f:
+      teacher_config = json.load(f)
+    diffs = config_differences(teacher_config, gen_config)
+    if diffs:
+      raise ConversionError(f"The UNet in {generator} [{key!r}] is configured unlike "
+                            f"{os.path.join(src, 'unet', 'config.json')} (generator != teacher: "
+                            f"{'; '.join(diffs)}); pass its own teacher as --src.")
+    gen_record = {"source": os.path.abspath(generator), "source_sha256": sha256_file(generator),
+                  "key": key, "init_timestep": LSG_INIT_TIMESTEP}
+
+  parts = ("vae", "text_encoder") + (() if generator is not None else ("unet",))
+  files = {}
+  for part in parts:
+    found = weight_files(os.path.join(src, part), variant, SD_WEIGHT_STEMS[part])
+    files.update({os.path.relpath(p, src): sha256_file(p) for p in found})
+  try:
+    spec, params = stable_diffusion.read_diffusers(src, variant=variant,
+                                                   unet_state_dict=unet_state_dict)
+  except ImportError as e:
+    raise ConversionError(f"{e}") from None
+  num_params = {part: int(sum(np.size(leaf) for leaf in jax.tree.leaves(params[part])))
+                for part in SD_PARTS}
+  if generator is not None:
+    # Marks the model as a one-step generator (what a SiD-LSG run exports), so
+    # `python -m sid_jax.sample` knows its t_init.
+    spec["kwargs"]["generator"] = {"init_timestep": LSG_INIT_TIMESTEP}
+
+  tokenizer_out = os.path.join(dst, stable_diffusion.TOKENIZER_DIR)
+  if overwrite and os.path.isdir(tokenizer_out):
+    shutil.rmtree(tokenizer_out)  # No stale tokenizer file may outlive the replaced model.
+  stable_diffusion.save(dst, spec, params, os.path.join(src, stable_diffusion.TOKENIZER_DIR))
+  record = {
+      "class_name": stable_diffusion.CLASS_NAME, "format": "diffusers", "source": src,
+      "subfolders": list(SD_SUBFOLDERS), "variant": variant,
+      "weights_sha256": dict(sorted(files.items())),
+      # Where the UNet weights came from: unet/ of `source`, or the generator pickle (whose
+      # architecture is unet/config.json of `source`).
+      "unet_weights": "generator" if generator is not None else "source",
+      "generator": gen_record,
+      "num_params": num_params,
+  }
+  with open(os.path.join(dst, SOURCE_RECORD), "w") as f:
+    json.dump(record, f, indent=2, sort_keys=True)
+  return SDSummary(src=src, dst=dst, variant=variant, num_params=num_params,
+                   generator=os.path.abspath(generator) if generator else None,
+                   key=key if generator else None)
