@@ -1,29 +1,65 @@
-"""One-step generation from a distilled generator.
+"""Generation from a distilled generator: class-conditional one-step, or text-to-image (SiD-LSG).
 
   python -m sid_jax.sample --workdir DIR --seeds 0-49999 --outdir OUT [--class 3] [--npz]
   python -m sid_jax.sample --checkpoint GENERATOR_DIR --seeds 0-63 --outdir OUT
+  python -m sid_jax.sample --workdir LSG_RUN --prompts FILE --seeds 0-29999 --outdir OUT \\
+      [--steps 1] [--custom_seed] [--batch 16] [--npz] [--init_timestep 625] [--latents Z.npy]
 
 `--workdir` is a distillation run's directory (its exported EMA generator, DIR/generator);
-`--checkpoint` is any network checkpoint of a generator (e.g. a converted SiD release).
-Each image depends only on its seed: the latent is drawn from `jax.random.key(seed)` and, unless
-`--class` is given, its class from the same key (uniform over classes) — not on the batch size or
-the number of devices. PNGs are written as OUT/<seed>.png (six digits), and with `--npz` all
-images go to OUT/images.npz (`arr_0`: uint8 NHWC, `labels`, `seeds`) for FID tools.
+`--checkpoint` is any network checkpoint of a generator (e.g. a converted SiD release). The kind
+of generator is read from the checkpoint's network.json.
+
+Class-conditional / unconditional generators (EDM / EDM2 students, network.json has
+'sigma_init'): each image depends only on its seed: the latent is drawn from
+`jax.random.key(seed)` and, unless `--class` is given, its class from the same key (uniform over
+classes) — not on the batch size or the number of devices. PNGs are written as OUT/<seed>.png
+(six digits), and with `--npz` all images go to OUT/images.npz (`arr_0`: uint8 NHWC, `labels`,
+`seeds`) for FID tools.
+
+Text-to-image generators (class_name 'StableDiffusion': a SiD-LSG run's export, whose spec holds
+`kwargs.generator.init_timestep`) follow the official generation (lsg_spec §7): one image per seed,
+`--prompts` (one prompt per line) is required.
+* Default seeding: the prompt of seed s is line s of the file (0-based) and its file is
+  OUT/<s:06d>.png. With `--custom_seed` the listed seeds are only random seeds: the i-th listed
+  seed gets prompt line i and file OUT/<i:06d>.png.
+* Latents: z = jax.random.normal(jax.random.key(s), (h, w, 4)) (NHWC); with `--steps k > 1` the
+  fresh noise of step i >= 1 is jax.random.normal(jax.random.fold_in(jax.random.key(s), i)), and
+  the timesteps are t_i = floor(t_init (1 - i / k)). The official code draws z from a CUDA torch
+  Philox stream, which JAX cannot reproduce: to compare with official images, dump its latents
+  and pass `--latents FILE.npy`, shape [N, 4, h, w] (NCHW, as saved from torch) or [N, h, w, 4],
+  one per listed seed in order.
+* Images: uint8(clip(x * 127.5 + 128, 0, 255)) (truncation), decoded by the VAE (512 x 512 for
+  SD 1.5 / 2.1-base). `--npz` writes OUT/images.npz (`arr_0` uint8 NHWC, `seeds`, `prompts`),
+  streamed batch by batch. OUT/generation.json records the settings.
+* Every batch has the same size (the last one is padded), so one compiled program serves the run,
+  and each image is a function of its seed, prompt and latent only, not of `--batch`.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
+import time
+import zipfile
+from typing import Any, Iterator, Sequence
 
 from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sid_jax import checkpoints, images, models, sharding
+from sid_jax import checkpoints, images, lsg, models, sharding, stable_diffusion
+from sid_jax.data import prompts as prompts_lib
 
 GENERATOR_DIR = "generator"
+GENERATION_RECORD = "generation.json"
+NPZ_NAME = "images.npz"
+CLASS_BATCH = 256  # default --batch of class-conditional generators
+T2I_BATCH = 16  # default --batch of text-to-image generators
+# What `python -m sid_jax.convert sd` writes beside a converted model (convert.cli.SOURCE_RECORD).
+SOURCE_RECORD = "source.json"
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -41,6 +77,16 @@ def parse_seeds(text: str) -> list[int]:
   if not seeds:
     raise ValueError("--seeds is empty.")
   return seeds
+
+
+def _round_batch(batch: int, mesh, num_items: int | None = None) -> int:
+  """`batch` rounded down to a multiple of the device count (at least one per device), and no
+  larger than `num_items` rounded up to that multiple."""
+  shards = sharding.batch_size_divisor(mesh)
+  batch = max(shards, batch // shards * shards)
+  if num_items is not None:
+    batch = min(batch, -(-num_items // shards) * shards)
+  return batch
 
 
 class Generator:
@@ -75,14 +121,13 @@ class Generator:
     x = self.denoiser(params, self.sigma_init * z, sigma, labels)
     return x, (jnp.argmax(labels, -1) if labels is not None else jnp.full_like(seeds, -1))
 
-  def __call__(self, seeds, class_idx: int | None = None, batch: int = 256):
+  def __call__(self, seeds, class_idx: int | None = None, batch: int = CLASS_BATCH):
     """Images in [-1, 1] [N, H, W, C] and their class ids (-1 if unconditional), host numpy."""
     if class_idx is not None and not 0 <= class_idx < max(self.label_dim, 1):
       raise ValueError(f"--class {class_idx} is out of range for label_dim={self.label_dim}.")
     if class_idx is not None and not self.label_dim:
       raise ValueError("--class given, but this generator is unconditional.")
-    shards = sharding.batch_size_divisor(self.mesh)
-    batch = max(shards, batch // shards * shards)
+    batch = _round_batch(batch, self.mesh)
     seeds = np.asarray(seeds, np.int32)
     xs, ls = [], []
     for start in range(0, len(seeds), batch):
@@ -95,6 +140,249 @@ class Generator:
       xs.append(np.asarray(jax.device_get(x))[:len(chunk)])
       ls.append(np.asarray(jax.device_get(l))[:len(chunk)])
     return np.concatenate(xs), np.concatenate(ls)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text-to-image (SiD-LSG) generators.
+# ---------------------------------------------------------------------------------------------
+
+
+def is_text_to_image(spec: dict[str, Any]) -> bool:
+  """Whether a network.json spec is a Stable Diffusion model (a SiD-LSG generator or teacher)."""
+  return spec.get("class_name") == stable_diffusion.CLASS_NAME
+
+
+def timesteps(init_timestep: int, steps: int) -> list[int]:
+  """The generator's timesteps t_i = floor(t_init (1 - i / k)), as `lsg.generate_latents`."""
+  return [int(math.floor(init_timestep * (1 - i / steps))) for i in range(steps)]
+
+
+def resolve_init_timestep(directory: str, spec: dict[str, Any],
+                          init_timestep: int | None) -> tuple[int, str]:
+  """(t_init, where it came from) for a Stable Diffusion checkpoint.
+
+  Order: `--init_timestep`; the spec's `kwargs.generator.init_timestep` (a SiD-LSG run's export);
+  the `generator.init_timestep` of source.json (a released generator converted with
+  `python -m sid_jax.convert sd --generator` before that command also marked network.json).
+  A model with none of them is a teacher.
+
+  Args:
+    directory: the checkpoint directory.
+    spec: its network.json.
+    init_timestep: the `--init_timestep` flag (None if not given).
+
+  Returns:
+    The timestep and a short description of its origin (for generation.json).
+
+  Raises:
+    ValueError: for a teacher without `--init_timestep`, or a timestep outside the DDPM grid.
+  """
+  num = stable_diffusion.scheduler_settings(spec["kwargs"]["scheduler"])["num_train_timesteps"]
+  if init_timestep is not None:
+    value, origin = int(init_timestep), "--init_timestep"
+  elif "init_timestep" in (spec["kwargs"].get("generator") or {}):
+    value, origin = int(spec["kwargs"]["generator"]["init_timestep"]), "network.json"
+  else:
+    record = {}
+    path = os.path.join(directory, SOURCE_RECORD)
+    if os.path.isfile(path):
+      with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    gen = record.get("generator") or {}
+    if "init_timestep" not in gen:
+      raise ValueError(
+          f"{directory!r} is a Stable Diffusion teacher, not a distilled generator: its "
+          f"{checkpoints.NETWORK_SPEC} has no 'generator' entry (a model converted with "
+          "`python -m sid_jax.convert sd` without --generator). Sample a SiD-LSG run "
+          f"(--workdir RUN, i.e. RUN/{GENERATOR_DIR}), or pass --init_timestep (e.g. 625) to use "
+          "these weights as a one-step generator anyway.")
+    value, origin = int(gen["init_timestep"]), SOURCE_RECORD
+  if not 0 <= value < num:
+    raise ValueError(f"init_timestep={value} (from {origin}) must lie in [0, {num}).")
+  return value, origin
+
+
+def assign_prompts(seeds: Sequence[int], prompt_lines: Sequence[str], path: str,
+                   custom_seed: bool) -> tuple[list[str], list[int]]:
+  """(prompt, file number) of every listed seed under the official seeding rule.
+
+  Args:
+    seeds: the listed seeds, in order.
+    prompt_lines: the prompt file's lines.
+    path: the prompt file (for messages).
+    custom_seed: False: seed s takes line s and file number s; True: the i-th seed takes line i
+      and file number i (the seeds are only random seeds).
+
+  Returns:
+    The prompts and file numbers, one per seed.
+
+  Raises:
+    ValueError: if a seed (or, with custom_seed, a position) has no line, or two seeds would
+      write the same file.
+  """
+  n = len(prompt_lines)
+  if custom_seed:
+    if len(seeds) > n:
+      raise ValueError(f"--custom_seed with {len(seeds)} seeds takes prompt lines "
+                       f"0..{len(seeds) - 1}, but --prompts {path} has only {n} lines.")
+    return list(prompt_lines[:len(seeds)]), list(range(len(seeds)))
+  for s in seeds:
+    if s >= n:
+      raise ValueError(f"Seed {s} has no prompt: --prompts {path} has {n} lines, for seeds "
+                       f"0..{n - 1} (seed s takes line s). Pass --custom_seed to use the listed "
+                       "seeds only as random seeds, with lines 0..N-1.")
+  if len(set(seeds)) != len(seeds):
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    raise ValueError(f"--seeds lists {twice} more than once (each seed writes <seed>.png).")
+  return [prompt_lines[s] for s in seeds], list(seeds)
+
+
+def read_latents(path: str, num: int, latent_shape: tuple[int, int, int]) -> np.ndarray:
+  """Memory-mapped [N, h, w, c] latents of a `--latents` .npy file (NCHW files are transposed).
+
+  Args:
+    path: the .npy file: [N, c, h, w] (as dumped from torch) or [N, h, w, c].
+    num: the number of listed seeds (N must equal it).
+    latent_shape: (h, w, c) of the generator.
+
+  Returns:
+    An array view [N, h, w, c] (any float dtype; cast per batch).
+
+  Raises:
+    FileNotFoundError, ValueError: missing file, wrong shape or count.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--latents {path!r}: no such file.")
+  z = np.load(path, mmap_mode="r", allow_pickle=False)
+  h, w, c = latent_shape
+  if z.ndim == 4 and tuple(z.shape[1:]) == (h, w, c):
+    pass
+  elif z.ndim == 4 and tuple(z.shape[1:]) == (c, h, w):
+    z = z.transpose(0, 2, 3, 1)
+  else:
+    raise ValueError(f"--latents {path}: shape {tuple(z.shape)}; expected [N, {c}, {h}, {w}] "
+                     f"(NCHW) or [N, {h}, {w}, {c}] (NHWC).")
+  if z.shape[0] != num:
+    raise ValueError(f"--latents {path} holds {z.shape[0]} latents for {num} listed seeds (one "
+                     "per seed, in the listed order).")
+  if not np.issubdtype(z.dtype, np.floating):
+    raise ValueError(f"--latents {path}: dtype {z.dtype} is not floating point.")
+  return z
+
+
+class TextToImageGenerator:
+  """A SiD-LSG generator: a Stable Diffusion checkpoint whose UNet takes `steps` steps from
+  `init_timestep`. Each image is a function of (seed, prompt, latent) only."""
+
+  def __init__(self, directory: str, *, init_timestep: int, steps: int = 1, mesh=None):
+    if steps < 1:
+      raise ValueError(f"--steps must be at least 1, got {steps}.")
+    self.init_timestep, self.steps = int(init_timestep), int(steps)
+    self.sd, params = stable_diffusion.load(directory)
+    self.latent_shape = tuple(self.sd.latent_shape)
+    self.mesh = mesh or sharding.make_mesh({"data": -1})
+    param_sh = sharding.param_shardings(self.mesh, params)
+    self.params = jax.device_put(params, param_sh)
+    batch = sharding.batch_sharding(self.mesh)
+    self._fn = jax.jit(self._generate, in_shardings=(param_sh, batch, batch, batch),
+                       out_shardings=batch)
+    draw = jax.vmap(lambda s: jax.random.normal(jax.random.key(s), self.latent_shape,
+                                                jnp.float32))
+    self._draw = jax.jit(draw, in_shardings=batch, out_shardings=batch)
+
+  def _generate(self, params, z, ids, seeds):
+    """Images [B, H, W, 3] in about [-1, 1] of latents z [B, h, w, c], ids [B, 77], seeds [B]."""
+    den = self.sd.denoiser
+    emb = self.sd.encode_text(params["text_encoder"], ids)
+
+    def one(e, x, key):  # one image, so the fresh noise of step i >= 1 depends on its seed only
+      return lsg.generate_latents(den, params["unet"], e[None], x[None], self.init_timestep,
+                                  self.steps, key)[0]
+
+    latents = jax.vmap(one)(emb, z, jax.vmap(jax.random.key)(seeds))
+    return self.sd.decode(params["vae"], latents)
+
+  def default_latents(self, seeds: Sequence[int]) -> np.ndarray:
+    """[N, h, w, c]: jax.random.normal(jax.random.key(s), (h, w, c)) for every seed s."""
+    with jax.set_mesh(self.mesh):
+      return np.asarray(self._draw(np.asarray(seeds, np.int32)))
+
+  def __call__(self, seeds: Sequence[int], prompts: Sequence[str], latents=None,
+               batch: int = T2I_BATCH) -> Iterator[tuple[int, np.ndarray]]:
+    """Yields (index of the first image, images [b, H, W, 3] in about [-1, 1]) batch by batch.
+
+    The next batch is dispatched before a batch is handed out, so that writing images on the
+    host overlaps with generation.
+
+    Args:
+      seeds: one per image (the random seed of its latent and of later steps' noise).
+      prompts: one per image.
+      latents: optional [N, h, w, c] latents replacing the seeds' default ones.
+      batch: images per compiled call (rounded to the device count; the last batch is padded).
+    """
+    if len(prompts) != len(seeds):
+      raise ValueError(f"{len(seeds)} seeds but {len(prompts)} prompts.")
+    seeds = np.asarray(seeds, np.int32)
+    batch = _round_batch(batch, self.mesh, len(seeds))
+    pending = None
+    for start in range(0, len(seeds), batch):
+      chunk = seeds[start:start + batch]
+      pad = batch - len(chunk)
+      padded = np.concatenate([chunk, np.zeros(pad, np.int32)])
+      ids = self.sd.tokenize(list(prompts[start:start + batch]) + [""] * pad)
+      with jax.set_mesh(self.mesh):
+        if latents is None:
+          z = self._draw(padded)
+        else:
+          z = np.asarray(latents[start:start + batch], np.float32)
+          z = np.concatenate([z, np.zeros((pad,) + self.latent_shape, np.float32)])
+        x = self._fn(self.params, z, ids, padded)
+      if pending is not None:
+        yield pending[0], np.asarray(jax.device_get(pending[1]))[:pending[2]]
+      pending = (start, x, len(chunk))
+    if pending is not None:
+      yield pending[0], np.asarray(jax.device_get(pending[1]))[:pending[2]]
+
+
+class NpzStream:
+  """Writes an .npz whose `arr_0` (uint8) arrives batch by batch, so that the 30k images of an
+  evaluation run are never held in memory; other arrays are added on `close`. The file appears
+  under its name only once complete."""
+
+  def __init__(self, path: str, shape: Sequence[int]):
+    self.path, self.shape, self.count = path, tuple(shape), 0
+    self._tmp = path + ".partial"
+    self._zip = zipfile.ZipFile(self._tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
+    self._arr = self._zip.open("arr_0.npy", "w", force_zip64=True)
+    np.lib.format.write_array_header_1_0(
+        self._arr, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                    "fortran_order": False, "shape": self.shape})
+
+  def write(self, images_u8: np.ndarray) -> None:
+    if images_u8.dtype != np.uint8 or images_u8.shape[1:] != self.shape[1:]:
+      raise ValueError(f"NpzStream: got {images_u8.dtype} {images_u8.shape}, expected uint8 "
+                       f"[n, {', '.join(map(str, self.shape[1:]))}].")
+    self._arr.write(np.ascontiguousarray(images_u8).tobytes())
+    self.count += len(images_u8)
+
+  def close(self, **arrays) -> None:
+    self._arr.close()
+    if self.count != self.shape[0]:
+      self.abort()
+      raise ValueError(f"NpzStream: {self.count} images written, {self.shape[0]} announced.")
+    for name, value in arrays.items():
+      with self._zip.open(f"{name}.npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array(f, np.asarray(value), allow_pickle=False)
+    self._zip.close()
+    os.replace(self._tmp, self.path)
+
+  def abort(self) -> None:
+    try:
+      self._arr.close()
+      self._zip.close()
+    finally:
+      if os.path.exists(self._tmp):
+        os.remove(self._tmp)
 
 
 def resolve_generator_dir(workdir: str | None, checkpoint: str | None) -> str:
@@ -117,25 +405,139 @@ def _define_flags():
   flags.DEFINE_string("seeds", "0-63", "Seeds, e.g. 0-49999 or 1,5,9.")
   flags.DEFINE_string("outdir", None, "Where to write the images.")
   flags.DEFINE_integer("class", None, "Class for every image (default: random per seed).")
-  flags.DEFINE_integer("batch", 256, "Images per generator call.")
-  flags.DEFINE_bool("npz", False, "Also write OUT/images.npz.")
+  flags.DEFINE_integer("batch", None, f"Images per generator call (default {CLASS_BATCH}, "
+                       f"text-to-image {T2I_BATCH}); results do not depend on it.")
+  flags.DEFINE_bool("npz", False, f"Also write OUT/{NPZ_NAME}.")
   flags.DEFINE_bool("png", True, "Write one PNG per seed.")
+  flags.DEFINE_string("prompts", None, "Text-to-image: prompt file, one prompt per line (seed s "
+                      "takes line s; with --custom_seed the i-th seed takes line i).")
+  flags.DEFINE_bool("custom_seed", False, "Text-to-image: the seeds are only random seeds; "
+                    "prompts and file names use positions 0..N-1.")
+  flags.DEFINE_integer("steps", 1, "Text-to-image: generation steps k (t_i = floor(t_init "
+                       "(1 - i/k))).")
+  flags.DEFINE_integer("init_timestep", None, "Text-to-image: t_init (default: the "
+                       "generator's, 625 for SiD-LSG).")
+  flags.DEFINE_string("latents", None, "Text-to-image: .npy of latents [N, 4, h, w] (NCHW) or "
+                      "[N, h, w, 4], one per listed seed, instead of jax.random ones.")
+
+
+def _write_record(outdir: str, record: dict[str, Any]) -> None:
+  with open(os.path.join(outdir, GENERATION_RECORD), "w", encoding="utf-8") as f:
+    json.dump(record, f, indent=2)
+    f.write("\n")
+
+
+def run_text_to_image(directory: str, *, outdir: str, seeds: str, prompts: str | None,
+                      custom_seed: bool = False, steps: int = 1, init_timestep: int | None = None,
+                      latents: str | None = None, batch: int | None = None, npz: bool = False,
+                      png: bool = True, mesh=None) -> str:
+  """The text-to-image command (see the module docstring); returns the output directory."""
+  spec = checkpoints.load_network_spec(directory)
+  if not prompts:
+    raise ValueError(f"--prompts is required: {directory!r} is a text-to-image (Stable "
+                     "Diffusion) generator; give a prompt file, one prompt per line.")
+  t_init, t_origin = resolve_init_timestep(directory, spec, init_timestep)
+  if steps < 1:
+    raise ValueError(f"--steps must be at least 1, got {steps}.")
+  seed_list = parse_seeds(seeds)
+  if max(seed_list) >= 2**31:
+    raise ValueError(f"--seeds: {max(seed_list)} is too large (seeds are int32).")
+  lines = prompts_lib.read_prompt_lines(prompts)
+  prompt_list, names = assign_prompts(seed_list, lines, prompts, custom_seed)
+  if latents is not None and not os.path.isfile(latents):
+    raise FileNotFoundError(f"--latents {latents!r}: no such file.")
+
+  gen = TextToImageGenerator(directory, init_timestep=t_init, steps=steps, mesh=mesh)
+  z = None if latents is None else read_latents(latents, len(seed_list), gen.latent_shape)
+  os.makedirs(outdir, exist_ok=True)
+  sched = stable_diffusion.scheduler_settings(spec["kwargs"]["scheduler"])
+  record = {
+      "checkpoint": os.path.abspath(directory),
+      "network_json_sha256": checkpoints.hash_path(
+          os.path.join(directory, checkpoints.NETWORK_SPEC)),
+      "kind": "text-to-image",
+      "init_timestep": t_init, "init_timestep_from": t_origin,
+      "steps": steps, "timesteps": timesteps(t_init, steps),
+      "num_train_timesteps": sched["num_train_timesteps"],
+      "prompts": os.path.abspath(prompts), "prompt_lines": len(lines),
+      "seeds": seeds, "num_images": len(seed_list),
+      "seeding": ("custom_seed: the i-th listed seed is only a random seed; prompt line i, "
+                  "file <i:06d>.png") if custom_seed else
+                 "default: seed s takes prompt line s and writes <s:06d>.png",
+      "latents": os.path.abspath(latents) if latents else
+                 "jax.random.normal(jax.random.key(seed), (h, w, c)); step i >= 1 noise: "
+                 "jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), (h, w, c))",
+      "latent_shape": list(gen.latent_shape),
+      "image_conversion": "uint8(clip(x * 127.5 + 128, 0, 255)), truncated",
+      "png": png, "npz": npz, "jax_version": jax.__version__,
+      # The latents of jax.random.normal depend on this setting (True by default in new JAX).
+      "jax_threefry_partitionable": bool(jax.config.jax_threefry_partitionable),
+  }
+  _write_record(outdir, record)
+
+  stream = None
+  count, last_report = 0, time.time()
+  try:
+    for start, x in gen(seed_list, prompt_list, z, batch or T2I_BATCH):
+      u8 = images.to_uint8(x)
+      if npz and stream is None:
+        stream = NpzStream(os.path.join(outdir, NPZ_NAME), (len(seed_list),) + u8.shape[1:])
+      if stream is not None:
+        stream.write(u8)
+      if png:
+        for name, img in zip(names[start:start + len(u8)], u8):
+          images.save_png(os.path.join(outdir, f"{name:06d}.png"), img)
+      count += len(u8)
+      if time.time() - last_report > 30 or count == len(seed_list):
+        print(f"[sid_jax] {count}/{len(seed_list)} images", flush=True)
+        last_report = time.time()
+    if stream is not None:
+      stream.close(seeds=np.asarray(seed_list, np.int64), prompts=np.asarray(prompt_list, str))
+      stream = None
+  finally:
+    if stream is not None:
+      stream.abort()
+  print(f"[sid_jax] wrote {len(seed_list)} images to {outdir}")
+  return outdir
 
 
 def run(*, outdir: str, seeds: str, workdir: str | None = None, checkpoint: str | None = None,
-        class_idx: int | None = None, batch: int = 256, npz: bool = False,
-        png: bool = True) -> str:
-  """What the command does; returns the output directory."""
-  gen = Generator(resolve_generator_dir(workdir, checkpoint))
+        class_idx: int | None = None, batch: int | None = None, npz: bool = False,
+        png: bool = True, prompts: str | None = None, custom_seed: bool = False, steps: int = 1,
+        init_timestep: int | None = None, latents: str | None = None, mesh=None) -> str:
+  """What the command does; returns the output directory.
+
+  The generator's network.json decides the mode: a Stable Diffusion model is sampled as a
+  text-to-image generator (`run_text_to_image`; `prompts` required), anything else as a
+  class-conditional / unconditional one-step generator. `mesh` defaults to all devices.
+  """
+  directory = resolve_generator_dir(workdir, checkpoint)
+  spec = checkpoints.load_network_spec(directory)
+  if is_text_to_image(spec):
+    if class_idx is not None:
+      raise ValueError(f"--class is for class-conditional generators; {directory!r} is a "
+                       "text-to-image generator (use --prompts).")
+    return run_text_to_image(directory, outdir=outdir, seeds=seeds, prompts=prompts,
+                             custom_seed=custom_seed, steps=steps, init_timestep=init_timestep,
+                             latents=latents, batch=batch, npz=npz, png=png, mesh=mesh)
+  t2i_only = {"--prompts": prompts is not None, "--custom_seed": custom_seed,
+              "--steps": steps != 1, "--init_timestep": init_timestep is not None,
+              "--latents": latents is not None}
+  given = [name for name, on in t2i_only.items() if on]
+  if given:
+    raise ValueError(f"{', '.join(given)}: text-to-image options, but {directory!r} is a "
+                     f"{spec.get('class_name')!r} generator (class-conditional or "
+                     "unconditional, one step).")
+  gen = Generator(directory, mesh)
   seed_list = parse_seeds(seeds)
-  x, labels = gen(seed_list, class_idx, batch)
+  x, labels = gen(seed_list, class_idx, batch or CLASS_BATCH)
   u8 = images.to_uint8(x)
   os.makedirs(outdir, exist_ok=True)
   if png:
     for seed, img in zip(seed_list, u8):
       images.save_png(os.path.join(outdir, f"{seed:06d}.png"), img)
   if npz:
-    np.savez(os.path.join(outdir, "images.npz"), arr_0=u8, labels=labels,
+    np.savez(os.path.join(outdir, NPZ_NAME), arr_0=u8, labels=labels,
              seeds=np.asarray(seed_list))
   print(f"[sid_jax] wrote {len(seed_list)} images to {outdir}")
   return outdir
@@ -147,7 +549,9 @@ def main(argv):
   if not f.outdir:
     raise app.UsageError("--outdir is required.")
   run(outdir=f.outdir, seeds=f.seeds, workdir=f.workdir, checkpoint=f.checkpoint,
-      class_idx=f["class"].value, batch=f.batch, npz=f.npz, png=f.png)
+      class_idx=f["class"].value, batch=f.batch, npz=f.npz, png=f.png, prompts=f.prompts,
+      custom_seed=f.custom_seed, steps=f.steps, init_timestep=f.init_timestep,
+      latents=f.latents)
 
 
 if __name__ == "__main__":
