@@ -140,7 +140,8 @@ def check_tree_matches(stored: Any, expected: Any, what: str) -> None:
 # Config entries that must agree between a checkpoint and the run that resumes it.
 CRITICAL_CONFIG_KEYS = ("method", "data", "model", "teacher.type", "teacher.gmm",
                         "teacher.random_seed",
-                        "sid.use_logvar", "optim.fake_b1", "optim.gen_b1")
+                        "sid.use_logvar", "optim.fake_b1", "optim.gen_b1", "lsg.init_timestep",
+                        "lsg.tiny_sd2")
 
 
 def _lookup(d: dict, dotted: str):

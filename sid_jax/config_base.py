@@ -7,6 +7,8 @@ A config file in `configs/` defines `get_config(arg)`; `arg` is the text after t
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 
@@ -103,6 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
   c.optim.fake_clip_value = ml_collections.config_dict.placeholder(float)
+  c.optim.gen_clip_value = ml_collections.config_dict.placeholder(float)  # SiD-LSG fp16 runs: 1
 
   c.ema = ml_collections.ConfigDict()
   c.ema.halflife_kimg = 500.0
@@ -160,4 +163,110 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher_training.ema_halflife_kimg = 50.0
   c.teacher_training.ema_rampup = 0.05
   c.teacher_training.export_dir = ""  # default: WORKDIR/teacher
+  return c
+
+
+# ---------------------------------------------------------------------------------------------
+# SiD-LSG (text-to-image from Stable Diffusion), lsg_spec §3-§5.
+# ---------------------------------------------------------------------------------------------
+
+# The released generators' snapshot (kimg) per teacher and kappa (lsg_spec §5.5): the run length
+# of each config. SD 1.5 at kappa 1.5 has a second, "longer training" release at 18789 kimg.
+LSG_RELEASED_KIMG = {
+    "sd15": {1.5: 8806, 2.0: 4812, 3.0: 6349, 4.5: 8380},
+    "sd21base": {1.5: 9728, 2.0: 8482, 3.0: 6144, 4.5: 7168},
+}
+LSG_GRID_PROMPTS = (
+    "a photo of an astronaut riding a horse on the moon",
+    "a red fox in a snowy forest, golden hour",
+    "an oil painting of a lighthouse on a cliff at dusk",
+    "a bowl of ramen with a soft boiled egg, studio lighting",
+    "a cozy cabin in the mountains, watercolor",
+    "a portrait of an old fisherman, dramatic lighting",
+    "a futuristic city skyline at sunrise",
+    "a small robot watering plants in a greenhouse",
+)
+
+
+def lsg_config(teacher: str, arg: str | None) -> ml_collections.ConfigDict:
+  """The paper's SiD-LSG settings for `teacher` ('sd15' | 'sd21base'); `arg` = 'kappa=K[,tiny]'."""
+  a = parse_arg(arg, kappa=1.5, tiny=False)
+  if teacher not in LSG_RELEASED_KIMG:
+    raise ValueError(f"Unknown SiD-LSG teacher {teacher!r}.")
+  if a.kappa not in LSG_RELEASED_KIMG[teacher]:
+    raise ValueError(f"kappa={a.kappa} has no released model; the paper's values are "
+                     f"{sorted(LSG_RELEASED_KIMG[teacher])} (override config.lsg.cfg_* for "
+                     "others).")
+  c = base_config()
+  c.method = "sid_lsg"
+  c.seed = 0
+  c.data.resolution = 64  # latents 64x64x4 of 512x512 images
+  c.data.channels = 4
+  c.data.label_dim = 0
+  c.teacher.type = "network"
+  c.teacher.official_name = ("stable-diffusion-v1-5/stable-diffusion-v1-5" if teacher == "sd15"
+                             else "stabilityai/stable-diffusion-2-1-base")
+  c.teacher.official_url = "https://huggingface.co/" + c.teacher.official_name
+
+  c.lsg = ml_collections.ConfigDict()
+  c.lsg.init_timestep = 625  # the generator's fixed t (sigma_625 = 2.5017)
+  c.lsg.t_min = 20  # loss timesteps are integers in [t_min, t_max)
+  c.lsg.t_max = 980
+  c.lsg.cfg_fake_train = a.kappa  # kappa_1: guided fake score in its own loss ("long")
+  c.lsg.cfg_fake_eval = a.kappa  # kappa_2 = kappa_3: guided fake score in the generator loss
+  c.lsg.cfg_teacher = a.kappa  # kappa_4: guided teacher in the generator loss
+  c.lsg.cond_dropout = 0.1  # fake step only, when kappa_1 != 1 or kappa_2 != 1
+  # One prompt per line (LAION-Aesthetics 6+: aesthetics_6_plus.txt), or tfds:NAME:SPLIT[:FEATURE]
+  # with prompts_data_dir, or an .array_record file.
+  c.lsg.prompts = ""
+  c.lsg.prompts_data_dir = ""
+  c.lsg.grid_prompts = list(LSG_GRID_PROMPTS)
+  c.lsg.compute_dtype = "float32"  # float32 (the paper) | bfloat16 (float32 master weights)
+  c.lsg.remat = True  # rematerialise UNet blocks (the generator step backprops through 5 UNets)
+  c.lsg.tiny_sd2 = teacher == "sd21base"  # teacher type 'random': the SD 2.x-style tiny model
+
+  c.sid.alpha = 1.0
+  c.sid.gen_loss_scale = 1.0
+  c.sid.fake_loss_scale = 1.0
+  c.sid.augment_p = 0.0
+  c.optim.fake_lr = 1e-6
+  c.optim.gen_lr = 1e-6
+  c.optim.fake_b1 = 0.0
+  c.optim.gen_b1 = 0.0
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.ema.halflife_kimg = 50.0  # run_sid.sh: --ema 0.05 (Mimg)
+  c.ema.rampup = 0.05
+
+  batch = 512
+  c.training.global_batch = batch
+  # Official: 4 GPUs x 1 sample, 128 accumulation rounds. No layer couples samples, so any
+  # micro-batch gives the same numbers; 16 divides common device counts.
+  c.training.micro_batch = 16
+  c.training.num_steps = math.ceil(LSG_RELEASED_KIMG[teacher][a.kappa] * 1000 / batch)
+  tick = 4  # 2 kimg
+  c.log.every_steps = tick
+  c.log.sample_every_steps = 50 * tick
+  c.log.grid_columns = 4
+  c.eval.kind = "none"
+  c.eval.every_steps = 50 * tick
+  c.eval.batch = 16
+  c.checkpoint.every_steps = 50 * tick
+  c.checkpoint.keep = 3
+
+  if a.tiny:
+    c.teacher.type = "random"
+    c.teacher.official_name = ""
+    c.teacher.official_url = ""
+    c.data.resolution = 8
+    c.training.global_batch = 8
+    c.training.micro_batch = 8
+    c.training.num_steps = 3
+    c.checkpoint.every_steps = 2
+    c.log.every_steps = 1
+    c.log.sample_every_steps = 100
+    c.log.grid_columns = 2
+    c.lsg.grid_prompts = list(LSG_GRID_PROMPTS[:4])
+    c.eval.every_steps = 100
+    c.eval.batch = 8
   return c

@@ -262,7 +262,8 @@ def read_diffusers(folder: str, *, variant: str | None = None, unet_state_dict=N
     variant: weight variant such as 'fp16' (`diffusion_pytorch_model.fp16.safetensors`).
     unet_state_dict: use these UNet weights instead of `unet/` (a released SiD-LSG generator).
   """
-  from sid_jax.convert import clip_params, sd_unet_params, sd_vae_params  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from sid_jax.convert import clip_params, sd_unet_params, sd_vae_params
   folder = os.path.abspath(folder)
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"{folder!r} is not a directory.")

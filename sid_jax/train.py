@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import signal
 import threading
@@ -22,8 +23,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sid_jax import augment, checkpoints, images, models, optim, sharding, steps
+from sid_jax import augment, checkpoints, images, lsg, models, optim, sharding, steps
 from sid_jax.evaluation import in_loop
+
+
+METHODS = ("sid", "sid_lsg")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -38,8 +42,11 @@ class NonFiniteLossError(RuntimeError):
 def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   t, o, d = config.training, config.optim, config.data
   shards = int(np.prod(sharding.mesh_shape(dict(config.mesh), num_devices)))
-  if config.method != "sid":
-    raise ValueError(f"config.method={config.method!r} is not supported; expected 'sid'.")
+  if config.method not in METHODS:
+    raise ValueError(f"config.method={config.method!r} is not supported; expected one of "
+                     f"{', '.join(METHODS)}.")
+  if config.method == "sid_lsg":
+    lsg.check_config(config)
   for name in ("global_batch", "micro_batch", "num_steps", "max_nonfinite_steps"):
     if int(t[name]) <= 0:
       raise ValueError(f"config.training.{name} must be positive, got {t[name]}.")
@@ -93,6 +100,9 @@ class Run:
   init_params: Any
   state_shardings: Any
   teacher_shardings: Any
+  # SiD-LSG only: the Stable Diffusion pieces and the prompt feed (None for SiD).
+  lsg: lsg.Parts | None = None
+  feed: lsg.PromptFeed | None = None
 
 
 def hyper_from_config(config) -> steps.SiDHyper:
@@ -105,10 +115,43 @@ def hyper_from_config(config) -> steps.SiDHyper:
       force_normalization=bool(s.get("force_normalization", False)))
 
 
+def _build_lsg_run(config, mesh) -> Run:
+  parts = lsg.build(config)
+  image_shape = parts.sd.latent_shape
+  d = config.data
+  if (d.resolution, d.resolution, d.channels) != image_shape:
+    raise ValueError(f"config.data (resolution={d.resolution}, channels={d.channels}) does not "
+                     f"match the teacher's latents {image_shape}.")
+  o = config.optim
+  hyper = dataclasses.replace(hyper_from_config(config), sigma_init=parts.sigma_init,
+                              **lsg.hyper_overrides(config))
+  setup = steps.SiDSetup(
+      teacher=parts.teacher_fn, generator=parts.student, fake_score=parts.student,
+      image_shape=image_shape, label_dim=0,
+      global_batch=config.training.global_batch, micro_batch=config.training.micro_batch,
+      hyper=hyper,
+      generator_tx=optim.adam(o.gen_lr, o.gen_b1, o.b2, o.eps, clip_value=o.gen_clip_value),
+      fake_tx=optim.adam(o.fake_lr, o.fake_b1, o.b2, o.eps, clip_value=o.fake_clip_value),
+      draw_sharding=sharding.batch_sharding(mesh, 1),
+      unroll_micro=jax.default_backend() == "cpu",
+      levels=parts.levels, conditioning=parts.conditioning)
+  teacher = models.Teacher(denoiser=parts.teacher_fn, params=parts.frozen, info=parts.info,
+                           spec=parts.spec)
+  abstract_state = jax.eval_shape(lambda p: steps.init_state(setup, p, p), parts.init_params)
+  feed = lsg.PromptFeed(config, parts.sd, mesh, setup.num_micro, setup.micro_batch)
+  return Run(config=config, mesh=mesh, teacher=teacher, setup=setup, student_spec=parts.spec,
+             init_params=parts.init_params,
+             state_shardings=sharding.param_shardings(mesh, abstract_state),
+             teacher_shardings=sharding.param_shardings(mesh, parts.frozen), lsg=parts,
+             feed=feed)
+
+
 def build_run(config: ml_collections.ConfigDict, devices=None) -> Run:
   devices = list(jax.devices() if devices is None else devices)
   check_config(config, len(devices))
   mesh = sharding.make_mesh(dict(config.mesh), devices)
+  if config.method == "sid_lsg":
+    return _build_lsg_run(config, mesh)
   teacher = models.build_teacher(config)
   student, params, spec = models.build_students(config, teacher,
                                                 jax.random.key(config.seed + 1))
@@ -144,12 +187,16 @@ def initial_state(run: Run) -> steps.SiDState:
 
 
 def compile_train_step(run: Run, state, teacher_params, key):
+  """The compiled iteration `(state, teacher_params, key, batch) -> (state, metrics)`; `batch`
+  is None for SiD and the prompt feed's token ids for SiD-LSG."""
   repl = sharding.replicated(run.mesh)
+  batch = run.feed.abstract() if run.feed is not None else None
+  batch_sh = jax.tree.map(lambda a: a.sharding, batch)
   fn = jax.jit(functools.partial(steps.train_step, run.setup),
-               in_shardings=(run.state_shardings, run.teacher_shardings, repl),
+               in_shardings=(run.state_shardings, run.teacher_shardings, repl, batch_sh),
                out_shardings=(run.state_shardings, repl), donate_argnums=0)
   with jax.set_mesh(run.mesh):
-    return fn.lower(state, teacher_params, key).compile()
+    return fn.lower(state, teacher_params, key, batch).compile()
 
 
 def make_sampler(run: Run):
@@ -276,7 +323,50 @@ def table_markdown(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def export_generator(run: Run, params, directory: str, step: int) -> None:
+  """Writes the (EMA) generator as a network checkpoint `python -m sid_jax.sample` reads: for
+  SiD-LSG a complete Stable Diffusion folder whose UNet is the generator's."""
+  if run.lsg is not None:
+    from sid_jax import stable_diffusion  # pylint: disable=g-import-not-at-top
+    teacher = run.config.teacher
+    tokenizer_dir = (os.path.join(teacher.checkpoint, stable_diffusion.TOKENIZER_DIR)
+                     if teacher.type == "network" else
+                     stable_diffusion.tiny_tokenizer_dir(run.lsg.sd.spec))
+    spec = dict(run.student_spec, step=step)
+    stable_diffusion.save(directory, spec, {"unet": params, "vae": run.lsg.vae_params,
+                                            "text_encoder": run.teacher.params["text_encoder"]},
+                          tokenizer_dir)
+    return
+  spec = dict(run.student_spec, sigma_init=run.config.sid.sigma_init, step=step)
+  checkpoints.save_network(directory, params, spec)
+
+
+def lsg_grid(run: Run, params) -> np.ndarray:
+  """The fixed prompts of config.lsg.grid_prompts (cycled to fill the grid), fixed z."""
+  cols = run.config.log.grid_columns
+  prompts = list(run.config.lsg.grid_prompts)
+  rows = max(1, math.ceil(len(prompts) / cols))
+  n = rows * cols
+  prompts = [prompts[i % len(prompts)] for i in range(n)]
+  z = np.random.RandomState(run.config.eval.seed + 1).standard_normal(
+      (n,) + tuple(run.setup.image_shape)).astype(np.float32)
+  sampler = run.__dict__.get("_grid_sampler")
+  if sampler is None:  # one compiled sampler per run
+    sampler = run.__dict__["_grid_sampler"] = lsg.make_image_sampler(
+        run.lsg.sd, run.config.lsg.init_timestep)
+  ids = run.lsg.sd.tokenize(prompts)
+  b = run.config.eval.batch
+  out = []
+  for i in range(0, n, b):
+    out.append(np.asarray(jax.device_get(sampler(
+        params, run.teacher.params["text_encoder"], run.lsg.vae_params, z[i:i + b], ids[i:i + b],
+        jax.random.key(0)))))
+  return images.make_grid(images.to_uint8(np.concatenate(out)), rows, cols)
+
+
 def sample_grid(run: Run, sample_fn, params) -> np.ndarray:
+  if run.lsg is not None:
+    return lsg_grid(run, params)
   cols = run.config.log.grid_columns
   # One row per class (the first 10 classes when there are more), 4 rows when unconditional.
   rows = min(run.setup.label_dim, 10) or 4
@@ -366,8 +456,14 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
   abstract["rng"] = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(run.mesh))
   latest = ckpt.latest_step()
   if latest is not None:
-    restored, _ = ckpt.restore(latest, abstract, config.to_dict())
+    restored, restored_meta = ckpt.restore(latest, abstract, config.to_dict())
     state, rng_data = restored["state"], restored["rng"]
+    if run.feed is not None:
+      if "prompts" not in restored_meta:
+        raise checkpoints.CheckpointMismatchError(
+            f"Checkpoint {latest} in {ckpt.directory} has no prompt position; it was not written "
+            "by a SiD-LSG run.")
+      run.feed.restore(restored_meta["prompts"])
     logging.info("Resumed from %s at step %d.", ckpt.directory, latest)
   else:
     state = initial_state(run)
@@ -383,8 +479,11 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
   sample_fn = make_sampler(run)
 
   def meta(step):
-    return {"config": config.to_dict(), "teacher": run.teacher.info, "step": step,
-            "student_spec": run.student_spec, "versions": _versions()}
+    out = {"config": config.to_dict(), "teacher": run.teacher.info, "step": step,
+           "student_spec": run.student_spec, "versions": _versions()}
+    if run.feed is not None:
+      out["prompts"] = run.feed.state()  # the position after the last saved step's prompts
+    return out
 
   def save(step, force):
     return ckpt.save(step, {"state": state, "rng": rng_data}, meta(step), force=force)
@@ -454,7 +553,8 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
       if stop.signal is not None:
         status = "preempted"
         break
-      state, metrics = train_fn(state, teacher_params, base_key)
+      batch = run.feed.next() if run.feed is not None else None
+      state, metrics = train_fn(state, teacher_params, base_key, batch)
       step += 1
       if pending is not None:
         _check_streak(int(jax.device_get(pending)), config, ckpt)
@@ -483,8 +583,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
     if (pending is None or int(jax.device_get(pending)) == 0) and ckpt.latest_step() != step:
       save(step, force=True)
     ckpt.wait()
-  spec = dict(run.student_spec, sigma_init=config.sid.sigma_init, step=step)
-  checkpoints.save_network(os.path.join(workdir, "generator"), state.generator_ema, spec)
+  export_generator(run, state.generator_ema, os.path.join(workdir, "generator"), step)
   if status == "done":
     summary["final_eval"] = eval_and_log(step, "grid")
     if eval_kind(config) == "digits":

@@ -1,0 +1,215 @@
+"""SiD-LSG: data-free one-step text-to-image distillation of Stable Diffusion (lsg_spec).
+
+This module only *assembles* the method from the shared pieces; nothing here is a second
+training loop:
+* the teacher, fake score and generator are `denoisers.DiscreteEpsDenoiser`s around three copies
+  of the teacher's UNet (the generator at t_init = 625: x_g = sigma_625 (z - eps(s_625 z)));
+* the losses are `losses.dsm_loss` (the epsilon loss, weight 1 / sigma^2) and
+  `losses.sid_generator_loss`, with noise levels from `losses.DiscreteNoiseLevels`
+  (integer t in [20, 979]);
+* long and short guidance (kappa_1, kappa_2, kappa_4) and prompt dropout are `steps.SiDHyper`
+  settings applied through `denoisers.guided`;
+* prompts come from `data.prompts.PromptSource`, are tokenised on the host and encoded once per
+  micro-batch inside the step (`steps.Conditioning`); the empty prompt's embedding is computed once.
+
+`config.method = 'sid_lsg'` selects it (configs/sd15_lsg.py, configs/sd21base_lsg.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sid_jax import checkpoints, losses, sharding, stable_diffusion, steps
+from sid_jax.data import prompts as prompts_lib
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+TINY_PROMPTS = os.path.join(os.path.dirname(__file__), "assets", "tiny_prompts.txt")
+
+
+def check_config(config) -> None:
+  """Everything SiD-LSG needs from the config, checked before anything is built."""
+  g = config.lsg
+  if config.teacher.type not in ("network", "random"):
+    raise ValueError(f"config.teacher.type={config.teacher.type!r}: SiD-LSG takes 'network' (a "
+                     "checkpoint from `python -m sid_jax.convert sd`) or 'random' (tiny tests).")
+  if config.teacher.type == "network":
+    path = config.teacher.checkpoint
+    if not path or not os.path.isfile(os.path.join(path, checkpoints.NETWORK_SPEC)):
+      raise FileNotFoundError(
+          f"config.teacher.checkpoint={path!r} is not a converted Stable Diffusion model. "
+          "Convert a local diffusers folder first: python -m sid_jax.convert sd --src "
+          "stable-diffusion-v1-5 --dst teachers/sd15")
+  for name in ("cfg_fake_train", "cfg_fake_eval", "cfg_teacher"):
+    if not g[name] > 0:
+      raise ValueError(f"config.lsg.{name} must be positive, got {g[name]}.")
+  if not 0 <= g.cond_dropout < 1:
+    raise ValueError(f"config.lsg.cond_dropout must lie in [0, 1), got {g.cond_dropout}.")
+  if not 0 <= g.t_min < g.t_max <= 1000 or not 0 <= g.init_timestep < 1000:
+    raise ValueError(f"config.lsg needs 0 <= t_min < t_max <= 1000 and init_timestep in "
+                     f"[0, 1000), got t_min={g.t_min}, t_max={g.t_max}, "
+                     f"init_timestep={g.init_timestep}.")
+  if g.compute_dtype not in DTYPES:
+    raise ValueError(f"config.lsg.compute_dtype={g.compute_dtype!r}; expected one of "
+                     f"{sorted(DTYPES)}.")
+  if not g.grid_prompts:
+    raise ValueError("config.lsg.grid_prompts must hold at least one prompt.")
+  source = prompt_path(config)
+  if not source.startswith("tfds:") and not os.path.isfile(source):
+    raise FileNotFoundError(f"config.lsg.prompts={source!r}: no such prompt file (one prompt per "
+                            "line, e.g. LAION-Aesthetics 6+ aesthetics_6_plus.txt).")
+  if config.eval.kind not in ("auto", "none"):
+    raise ValueError(f"config.eval.kind={config.eval.kind!r}: SiD-LSG runs write sample grids "
+                     "only; evaluate FID / CLIP score with `python -m sid_jax.evaluate`.")
+  if config.data.label_dim:
+    raise ValueError("config.data.label_dim must be 0 for text-to-image runs.")
+
+
+def prompt_path(config) -> str:
+  return config.lsg.prompts or (TINY_PROMPTS if config.teacher.type == "random" else "")
+
+
+def load_sd(config) -> tuple[stable_diffusion.StableDiffusion, dict[str, Any], dict]:
+  """The teacher: (model, params {'unet', 'text_encoder', 'vae'}, info for checkpoints)."""
+  t, g = config.teacher, config.lsg
+  dtype = DTYPES[g.compute_dtype]
+  if t.type == "network":
+    sd, params = stable_diffusion.load(t.checkpoint, dtype=dtype, remat=g.remat)
+    info = {"type": "network", "path": os.path.abspath(t.checkpoint),
+            "sha256": checkpoints.hash_path(os.path.join(t.checkpoint, checkpoints.NETWORK_SPEC))}
+  else:
+    spec = stable_diffusion.tiny_spec(sd2=bool(g.tiny_sd2))
+    sd = stable_diffusion.build(spec, stable_diffusion.tiny_tokenizer_dir(spec), dtype=dtype,
+                                remat=g.remat)
+    params = stable_diffusion.random_params(sd, t.random_seed)
+    info = {"type": "random", "seed": t.random_seed, "spec": "tiny_sd2" if g.tiny_sd2 else "tiny"}
+  return sd, params, info
+
+
+@dataclasses.dataclass
+class Parts:
+  """What `train.build_run` needs from SiD-LSG."""
+  sd: stable_diffusion.StableDiffusion
+  teacher_fn: Any  # D(frozen, x, sigma, cond)
+  student: Any  # DiscreteEpsDenoiser (generator and fake score)
+  frozen: dict[str, Any]  # {'unet', 'text_encoder', 'uncond'}: the step's constant argument
+  vae_params: Any
+  init_params: Any  # the students' initial UNet params (a copy of the teacher's)
+  levels: losses.DiscreteNoiseLevels
+  conditioning: steps.Conditioning
+  sigma_init: float
+  info: dict
+  spec: dict
+
+
+def build(config) -> Parts:
+  sd, params, info = load_sd(config)
+  g = config.lsg
+  den = sd.denoiser
+
+  def teacher_fn(frozen, x, sigma, cond=None, **kwargs):
+    return den(frozen["unet"], x, sigma, cond, **kwargs)
+
+  uncond = jax.jit(sd.encode_text)(params["text_encoder"], sd.tokenize([""]))
+  frozen = {"unet": params["unet"], "text_encoder": params["text_encoder"], "uncond": uncond}
+  conditioning = steps.Conditioning(
+      encode=lambda fz, ids: sd.encode_text(fz["text_encoder"], ids),
+      uncond=lambda fz: fz["uncond"])
+  levels = losses.DiscreteNoiseLevels(tuple(float(s) for s in den.sigmas), t_min=g.t_min,
+                                      t_max=g.t_max)
+  spec = dict(sd.spec)
+  spec["kwargs"] = dict(spec["kwargs"], generator={"init_timestep": int(g.init_timestep)})
+  return Parts(sd=sd, teacher_fn=teacher_fn, student=den, frozen=frozen,
+               vae_params=params["vae"], init_params=jax.tree.map(jnp.copy, params["unet"]),
+               levels=levels, conditioning=conditioning,
+               sigma_init=den.sigma_at(g.init_timestep), info=info, spec=spec)
+
+
+def hyper_overrides(config) -> dict[str, Any]:
+  g = config.lsg
+  return dict(cfg_fake_train=float(g.cfg_fake_train), cfg_fake_eval=float(g.cfg_fake_eval),
+              cfg_teacher=float(g.cfg_teacher), cond_dropout=float(g.cond_dropout))
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts -> the step's batch.
+# ---------------------------------------------------------------------------------------------
+
+
+class PromptFeed:
+  """Token ids for each iteration: {'fake': [num_micro, micro, 77], 'gen': same}, drawn in that
+  order from one prompt stream (the two updates use disjoint prompts, lsg_spec §5.1). Each host
+  reads its own share of the stream; the position is saved with every checkpoint."""
+
+  def __init__(self, config, sd: stable_diffusion.StableDiffusion, mesh, num_micro: int,
+               micro_batch: int):
+    self.sd = sd
+    self.num_micro, self.micro = num_micro, micro_batch
+    self.count = jax.process_count()
+    if micro_batch % self.count:
+      raise ValueError(f"config.training.micro_batch={micro_batch} is not divisible by the "
+                       f"{self.count} hosts.")
+    self.source = prompts_lib.PromptSource(
+        prompt_path(config), seed=config.seed, process_index=jax.process_index(),
+        process_count=self.count, data_dir=config.lsg.get("prompts_data_dir") or None)
+    self.sharding = sharding.batch_sharding(mesh, 1)
+
+  def _ids(self) -> jax.Array:
+    local = self.sd.tokenize(self.source.next_batch(self.num_micro * self.micro // self.count))
+    local = local.reshape(self.num_micro, self.micro // self.count, -1)
+    shape = (self.num_micro, self.micro, local.shape[-1])
+    return jax.make_array_from_process_local_data(self.sharding, local, shape)
+
+  def next(self) -> dict[str, jax.Array]:
+    fake = self._ids()
+    return {"fake": fake, "gen": self._ids()}
+
+  def abstract(self) -> dict[str, jax.ShapeDtypeStruct]:
+    a = jax.ShapeDtypeStruct((self.num_micro, self.micro, stable_diffusion.MAX_LENGTH),
+                             jnp.int32, sharding=self.sharding)
+    return {"fake": a, "gen": a}
+
+  def state(self) -> dict:
+    return self.source.state()
+
+  def restore(self, state: dict) -> None:
+    self.source.restore(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# One-step text-to-image sampling (grids, the sample CLI).
+# ---------------------------------------------------------------------------------------------
+
+
+def generate_latents(den, params, text_emb: jax.Array, z: jax.Array, init_timestep: int,
+                     num_steps: int = 1, key: jax.Array | None = None) -> jax.Array:
+  """The generator's scaled latents (lsg_spec §2): one step at t_init, or the k-step recursion
+  t_i = floor(t_init (1 - i / k)), x = D + sigma_{t_i} noise (fresh noise after the first step)."""
+  sigmas = den.sigmas
+  d = jnp.zeros_like(z)
+  for i in range(num_steps):
+    t = int(math.floor(init_timestep * (1 - i / num_steps)))
+    noise = z if i == 0 else jax.random.normal(jax.random.fold_in(key, i), z.shape, z.dtype)
+    sigma = float(sigmas[t])
+    d = den(params, d + sigma * noise, jnp.full((z.shape[0],), sigma, jnp.float32), text_emb)
+  return d
+
+
+def make_image_sampler(sd: stable_diffusion.StableDiffusion, init_timestep: int,
+                       num_steps: int = 1):
+  """jitted (unet_params, text_params, vae_params, z [N,h,w,4], ids [N,77], key) -> images
+  [N, H, W, 3] in about [-1, 1] (decoded by the VAE, not clamped)."""
+
+  @jax.jit
+  def sample(unet_params, text_params, vae_params, z, ids, key):
+    emb = sd.encode_text(text_params, ids)
+    latents = generate_latents(sd.denoiser, unet_params, emb, z, init_timestep, num_steps, key)
+    return sd.decode(vae_params, latents)
+
+  return sample

@@ -1,0 +1,105 @@
+"""The SiD-LSG job end to end on the tiny random SD model: trains, checkpoints, resumes."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from sid_jax import checkpoints, config_base, stable_diffusion, steps, train
+from tests import configs_util
+
+
+def _restore(workdir, step, config):
+  run = train.build_run(config)
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=10)
+  abstract = jax.eval_shape(lambda p: steps.init_state(run.setup, p, p), run.init_params)
+  abstract = {"state": abstract, "rng": jax.ShapeDtypeStruct((2,), np.uint32)}
+  state, meta = ckpt.restore(step, abstract, config.to_dict())
+  ckpt.close()
+  return state, meta
+
+
+def test_tiny_lsg_run_trains_checkpoints_and_resumes(tmp_path):
+  config = configs_util.load("sd15_lsg.py", "kappa=2,tiny", **{"checkpoint.every_steps": 1,
+                                                                "checkpoint.keep": 5})
+  full = train.distill(config, str(tmp_path / "full"))
+  assert full["status"] == "done" and full["checkpoint_steps"] == [1, 2, 3]
+  records = [json.loads(l) for l in open(tmp_path / "full" / "metrics.jsonl")]
+  train_records = [r for r in records if r["kind"] == "train"]
+  assert [r["step"] for r in train_records] == [1, 2, 3]
+  for r in train_records:
+    assert np.isfinite(r["fake_loss"]) and np.isfinite(r["gen_loss"]) and r["fake_loss"] > 0
+    assert r["fake_valid_fraction"] == 1.0 and r["gen_valid_fraction"] == 1.0
+  assert os.path.isfile(tmp_path / "full" / "samples" / "grid_00000003.png")
+
+  # Resume from step 2 of the same run (a copy of its checkpoint directory, as a pre-empted run
+  # leaves it): the prompt stream continues where it stopped and step 3 is reproduced exactly.
+  part = tmp_path / "part" / "checkpoints"
+  shutil.copytree(tmp_path / "full" / "checkpoints" / "2", part / "2")
+  resumed = train.distill(config, str(tmp_path / "part"))
+  assert resumed["status"] == "done" and resumed["start_step"] == 2
+  per_step = 2 * config.training.global_batch  # fake-step and generator-step prompts
+  a, meta_a = _restore(str(tmp_path / "full"), 3, config)
+  b, meta_b = _restore(str(tmp_path / "part"), 3, config)
+  assert meta_a["prompts"] == meta_b["prompts"] and meta_b["prompts"]["position"] == 3 * per_step
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
+  # Training moved the generator's EMA away from the teacher's UNet.
+  teacher = train.build_run(config).init_params
+  moved = [float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+           for x, y in zip(jax.tree.leaves(b["state"].generator_ema), jax.tree.leaves(teacher))]
+  assert max(moved) > 0
+
+  # The exported generator is a complete Stable Diffusion checkpoint marked as a generator.
+  sd, params = stable_diffusion.load(str(tmp_path / "full" / "generator"))
+  spec = checkpoints.load_network_spec(str(tmp_path / "full" / "generator"))
+  assert spec["kwargs"]["generator"] == {"init_timestep": 625} and spec["step"] == 3
+  for x, y in zip(jax.tree.leaves(params["unet"]), jax.tree.leaves(a["state"].generator_ema)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert sd.tokenize(["a"]).shape == (1, 77)
+
+  # Resuming with another prompt list is refused before anything is compiled.
+  other = tmp_path / "prompts.txt"
+  other.write_text("one\ntwo\nthree\n")
+  config.lsg.prompts = str(other)
+  config.training.num_steps = 4
+  with pytest.raises(ValueError, match="num_prompts"):
+    train.distill(config, str(tmp_path / "full"))
+
+
+@pytest.mark.parametrize("name,teacher", [("sd15_lsg.py", "sd15"), ("sd21base_lsg.py", "sd21base")])
+@pytest.mark.parametrize("kappa", [1.5, 2.0, 3.0, 4.5])
+def test_paper_settings(name, teacher, kappa):
+  c = configs_util.load(name, f"kappa={kappa}")
+  g = c.lsg
+  assert c.method == "sid_lsg" and c.teacher.type == "network"
+  assert (g.cfg_fake_train, g.cfg_fake_eval, g.cfg_teacher) == (kappa, kappa, kappa)
+  assert (g.init_timestep, g.t_min, g.t_max, g.cond_dropout) == (625, 20, 980, 0.1)
+  assert c.sid.alpha == 1.0 and c.sid.gen_loss_scale == 1.0 and c.sid.fake_loss_scale == 1.0
+  assert (c.optim.fake_lr, c.optim.gen_lr, c.optim.fake_b1, c.optim.gen_b1, c.optim.b2,
+          c.optim.eps) == (1e-6, 1e-6, 0.0, 0.0, 0.999, 1e-8)
+  assert c.ema.halflife_kimg == 50.0 and c.ema.rampup == 0.05
+  assert c.training.global_batch == 512 and g.compute_dtype == "float32"
+  kimg = config_base.LSG_RELEASED_KIMG[teacher][kappa]
+  assert (c.training.num_steps - 1) * 512 < kimg * 1000 <= c.training.num_steps * 512
+  assert (c.data.resolution, c.data.channels, c.data.label_dim) == (64, 4, 0)
+  assert g.tiny_sd2 == (teacher == "sd21base")
+
+
+def test_bad_lsg_settings_fail_before_building():
+  with pytest.raises(ValueError, match="kappa=2.5 has no released model"):
+    configs_util.load("sd15_lsg.py", "kappa=2.5")
+  config = configs_util.load("sd15_lsg.py", "kappa=2")
+  with pytest.raises(FileNotFoundError, match="convert sd"):
+    train.build_run(config)
+  for override, pattern in [({"lsg.cfg_teacher": 0.0}, "config.lsg.cfg_teacher"),
+                            ({"lsg.compute_dtype": "float16"}, "config.lsg.compute_dtype"),
+                            ({"lsg.prompts": "/nonexistent.txt"}, "config.lsg.prompts"),
+                            ({"lsg.t_min": 990}, "t_min"),
+                            ({"eval.kind": "fid"}, "config.eval.kind")]:
+    bad = configs_util.load("sd15_lsg.py", "kappa=2,tiny", **override)
+    with pytest.raises((ValueError, FileNotFoundError), match=pattern):
+      train.build_run(bad)
