@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 WORKDIR ?= runs/digits_sid
 DEMO_CONFIG ?= configs/digits_sid.py
+# Test processes (pytest-xdist); each gets whole test files, so module fixtures are built once.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test venv venv-test bench clean
 
@@ -24,7 +26,7 @@ demo: venv
 	$(VENV)/bin/python -m sid_jax.main --config=$(DEMO_CONFIG) --workdir=$(WORKDIR)
 
 test: venv-test
-	$(VENV)/bin/python -m pytest tests -q
+	$(VENV)/bin/python -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: venv
 	$(VENV)/bin/python -m sid_jax.bench --config=$(DEMO_CONFIG) --steps 5

@@ -1,8 +1,9 @@
 """Benchmark of one configuration: python -m sid_jax.bench --config=configs/X.py[:ARG] --steps N.
 
 Prints one JSON line: compile seconds, seconds per distillation iteration (psi step + theta step +
-EMA), generated images per second (one-step sampling alone) and training images per second,
-peak host memory, XLA's FLOP count per iteration, and the device set-up. Nothing is written to
+EMA), generated images per second (one-step sampling alone; SiD-LSG: with text encoding and VAE
+decoding) and training images per second, peak host memory, XLA's per-iteration buffer sizes and
+FLOP count, and the device set-up. Nothing is written to
 disk; timings are medians over N iterations after one warm-up iteration.
 """
 
@@ -45,28 +46,53 @@ def benchmark(config, steps: int) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
 
-  state, metrics = compiled(state, teacher_params, key)
+  def inputs():  # SiD-LSG: the next prompts' token ids (host tokenisation is part of the step)
+    return run.feed.next() if run.feed is not None else None
+
+  state, metrics = compiled(state, teacher_params, key, inputs())
   jax.block_until_ready(state)
   times = []
   for _ in range(steps):
     t = time.perf_counter()
-    state, metrics = compiled(state, teacher_params, key)
+    state, metrics = compiled(state, teacher_params, key, inputs())
     jax.block_until_ready(state)
     times.append(time.perf_counter() - t)
   iter_s = float(np.median(times))
 
-  sample = train.make_sampler(run)
   batch = config.eval.batch
-  z, labels, _ = train.fixed_inputs(run, 0, batch)
-  jax.block_until_ready(sample(state.generator_ema, z, labels))
+  if run.lsg is not None:
+    from sid_jax import lsg  # pylint: disable=g-import-not-at-top
+    sampler = lsg.make_image_sampler(run.lsg.sd, config.lsg.init_timestep)
+    ids = run.lsg.sd.tokenize(["a photo of a cat"] * batch)
+    z = np.zeros((batch,) + tuple(run.setup.image_shape), np.float32)
+
+    def sample_once():  # latents -> VAE-decoded images
+      return sampler(state.generator_ema, teacher_params["text_encoder"], run.lsg.vae_params, z,
+                     ids, key)
+  else:
+    sample = train.make_sampler(run)
+    z, labels, _ = train.fixed_inputs(run, 0, batch)
+
+    def sample_once():
+      return sample(state.generator_ema, z, labels)
+
+  jax.block_until_ready(sample_once())
   sample_times = []
   for _ in range(steps):
     t = time.perf_counter()
-    jax.block_until_ready(sample(state.generator_ema, z, labels))
+    jax.block_until_ready(sample_once())
     sample_times.append(time.perf_counter() - t)
   sample_s = float(np.median(sample_times))
+  memory = {}
+  try:
+    mem = compiled.memory_analysis()
+    memory = {name: round(getattr(mem, f"{name}_size_in_bytes") / 2**20, 2)
+              for name in ("argument", "output", "temp", "generated_code")}
+  except (AttributeError, NotImplementedError):  # not every backend reports it
+    pass
 
   return {
+      "method": config.method,
       "config": {"resolution": config.data.resolution, "channels": config.data.channels,
                  "label_dim": config.data.label_dim, "global_batch": config.training.global_batch,
                  "micro_batch": config.training.micro_batch},
@@ -79,6 +105,9 @@ def benchmark(config, steps: int) -> dict:
       "generated_images_per_second": round(batch / sample_s, 2),
       "flops_per_iteration": float(cost.get("flops", float("nan"))),
       "peak_host_memory_mb": round(_peak_rss_mb(), 1),
+      # XLA's buffer sizes of one compiled iteration (per device, MiB): the device memory a run
+      # needs beside the parameters it is given.
+      "iteration_memory_mb": memory,
       "timed_iterations": steps,
       "final_losses": {k: float(metrics[k]) for k in ("fake_loss", "gen_loss")},
   }

@@ -62,8 +62,10 @@ def teacher_step(denoiser, tx, config, data_x, data_y, state: TeacherState, key)
 
   def loss_fn(params):
     fn = functools.partial(denoiser, params, train=True, rng=k_drop)
-    return losses.dsm_loss(fn, y, labels, rn, noise, p_mean=tt.p_mean, p_std=tt.p_std,
-                           sigma_data=config.sid.sigma_data, loss_scale=1.0, batch_size=b)
+    levels = losses.EDMNoiseLevels(p_mean=tt.p_mean, p_std=tt.p_std,
+                                   sigma_data=config.sid.sigma_data)
+    sigma, weight = levels.fake(rn)
+    return losses.dsm_loss(fn, y, labels, sigma, weight, noise, loss_scale=1.0, batch_size=b)
 
   (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt = tx.update(grads, state.opt, state.params)

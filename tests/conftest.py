@@ -18,3 +18,17 @@ jax.config.update("jax_threefry_partitionable", True)
 jax.config.update("jax_compilation_cache_dir",
                   os.path.join(tempfile.gettempdir(), "sid_jax_test_compilation_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+# The slowest files first: with `pytest -n 2 --dist loadfile` (make test) workers take files in
+# collection order, so a long file collected last would run alone at the end.
+_SLOW_FILES = ("test_digits.py", "test_lsg_run.py", "test_train.py", "test_evaluate.py",
+               "test_gmm_distill.py", "test_paper_configs.py", "test_cli.py", "test_steps.py",
+               "test_lsg.py", "test_nets_edm.py", "test_sample_t2i.py")
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = os.path.basename(str(item.fspath))
+    return _SLOW_FILES.index(name) if name in _SLOW_FILES else len(_SLOW_FILES)
+
+  items.sort(key=rank)  # stable: the order within a file is kept

@@ -47,7 +47,8 @@ def test_bench_reports_the_numbers(capsys):
   for key in ("compile_seconds", "seconds_per_iteration", "generated_images_per_second",
               "train_images_per_second", "flops_per_iteration", "peak_host_memory_mb"):
     assert result[key] > 0, key
-  assert result["devices"] == jax.device_count()
+  assert result["devices"] == jax.device_count() and result["method"] == "sid"
+  assert result["iteration_memory_mb"]["argument"] > 0  # XLA's buffer sizes
   json.dumps(result)  # one JSON line
   with pytest.raises(ValueError, match="--steps"):
     bench.benchmark(config, steps=0)

@@ -12,8 +12,11 @@ from sid_jax import checkpoints, config_base, stable_diffusion, steps, train
 from tests import configs_util
 
 
+ONE_DEVICE = jax.devices()[:1]  # compiles faster; the steps' sharding is tested in test_steps
+
+
 def _restore(workdir, step, config):
-  run = train.build_run(config)
+  run = train.build_run(config, ONE_DEVICE)
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=10)
   abstract = jax.eval_shape(lambda p: steps.init_state(run.setup, p, p), run.init_params)
   abstract = {"state": abstract, "rng": jax.ShapeDtypeStruct((2,), np.uint32)}
@@ -24,8 +27,9 @@ def _restore(workdir, step, config):
 
 def test_tiny_lsg_run_trains_checkpoints_and_resumes(tmp_path):
   config = configs_util.load("sd15_lsg.py", "kappa=2,tiny", **{"checkpoint.every_steps": 1,
-                                                                "checkpoint.keep": 5})
-  full = train.distill(config, str(tmp_path / "full"))
+                                                                "checkpoint.keep": 5,
+                                                                "eval.batch": 4})
+  full = train.distill(config, str(tmp_path / "full"), devices=ONE_DEVICE)
   assert full["status"] == "done" and full["checkpoint_steps"] == [1, 2, 3]
   records = [json.loads(l) for l in open(tmp_path / "full" / "metrics.jsonl")]
   train_records = [r for r in records if r["kind"] == "train"]
@@ -39,7 +43,7 @@ def test_tiny_lsg_run_trains_checkpoints_and_resumes(tmp_path):
   # leaves it): the prompt stream continues where it stopped and step 3 is reproduced exactly.
   part = tmp_path / "part" / "checkpoints"
   shutil.copytree(tmp_path / "full" / "checkpoints" / "2", part / "2")
-  resumed = train.distill(config, str(tmp_path / "part"))
+  resumed = train.distill(config, str(tmp_path / "part"), devices=ONE_DEVICE)
   assert resumed["status"] == "done" and resumed["start_step"] == 2
   per_step = 2 * config.training.global_batch  # fake-step and generator-step prompts
   a, meta_a = _restore(str(tmp_path / "full"), 3, config)
@@ -48,7 +52,7 @@ def test_tiny_lsg_run_trains_checkpoints_and_resumes(tmp_path):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
   # Training moved the generator's EMA away from the teacher's UNet.
-  teacher = train.build_run(config).init_params
+  teacher = train.build_run(config, ONE_DEVICE).init_params
   moved = [float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
            for x, y in zip(jax.tree.leaves(b["state"].generator_ema), jax.tree.leaves(teacher))]
   assert max(moved) > 0
@@ -67,7 +71,7 @@ def test_tiny_lsg_run_trains_checkpoints_and_resumes(tmp_path):
   config.lsg.prompts = str(other)
   config.training.num_steps = 4
   with pytest.raises(ValueError, match="num_prompts"):
-    train.distill(config, str(tmp_path / "full"))
+    train.distill(config, str(tmp_path / "full"), devices=ONE_DEVICE)
 
 
 @pytest.mark.parametrize("name,teacher", [("sd15_lsg.py", "sd15"), ("sd21base_lsg.py", "sd21base")])
