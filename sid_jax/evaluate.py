@@ -339,6 +339,11 @@ def restore_generator(path: str, step: int | None = None) -> CheckpointGenerator
     if "config" not in meta:
       raise EvaluationError(f"Checkpoint {directory}/{step} has no config in its metadata.")
     config = ml_collections.ConfigDict(meta["config"])
+    if config.get("method") == "sid_lsg":
+      raise EvaluationError(
+          f"{directory} is a SiD-LSG (text-to-image) run: its samples need prompts. Generate "
+          "them with `python -m sid_jax.sample --workdir RUN --prompts CAPTIONS --outdir OUT` "
+          "and evaluate with --images OUT (--metrics fid,clip --captions CAPTIONS).")
     run = train.build_run(config)
     abstract_state = jax.eval_shape(lambda p: steps.init_state(run.setup, p, p),
                                     run.init_params)

@@ -107,3 +107,32 @@ def test_bad_lsg_settings_fail_before_building():
     bad = configs_util.load("sd15_lsg.py", "kappa=2,tiny", **override)
     with pytest.raises((ValueError, FileNotFoundError), match=pattern):
       train.build_run(bad)
+
+
+def test_bfloat16_switch_keeps_float32_master_weights():
+  """compute_dtype=bfloat16: the networks compute in bf16, the state (parameters, Adam, EMA)
+  stays float32 and the losses are float32 (traced only, nothing is compiled)."""
+  config = configs_util.load("sd15_lsg.py", "kappa=2,tiny",
+                             **{"lsg.compute_dtype": "bfloat16"})
+  run = train.build_run(config, ONE_DEVICE)
+  assert run.lsg.sd.unet.dtype == jax.numpy.bfloat16
+  state = jax.eval_shape(lambda p: steps.init_state(run.setup, p, p), run.init_params)
+  out_state, metrics = jax.eval_shape(
+      lambda s, f, b: steps.train_step(run.setup, s, f, jax.random.key(0), b), state,
+      run.teacher.params, run.feed.abstract())
+  dtypes = {leaf.dtype for leaf in jax.tree.leaves(
+      (out_state.generator, out_state.generator_ema, out_state.fake_score,
+       out_state.generator_opt, out_state.fake_opt)) if leaf.dtype != jax.numpy.int32}
+  assert dtypes == {jax.numpy.dtype("float32")}
+  assert metrics["gen_loss"].dtype == metrics["fake_loss"].dtype == jax.numpy.float32
+
+
+def test_evaluating_a_text_to_image_checkpoint_points_to_the_sampler(tmp_path):
+  from sid_jax import evaluate  # pylint: disable=g-import-not-at-top
+  config = configs_util.load("sd15_lsg.py", "kappa=2,tiny")
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"), every_steps=1, keep=1,
+                                  async_save=False)
+  ckpt.save(1, {"step": np.zeros((), np.int32)}, {"config": config.to_dict()}, force=True)
+  ckpt.close()
+  with pytest.raises(evaluate.EvaluationError, match="sid_jax.sample --workdir RUN --prompts"):
+    evaluate.restore_generator(str(tmp_path))
