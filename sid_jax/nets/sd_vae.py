@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sid_jax.nets import sd_unet
+
 Array = jax.Array
 
 DEFAULT_PRECISION = jax.lax.Precision.HIGHEST
@@ -67,36 +69,9 @@ class _Spec(NamedTuple):
     return nn.Dense(features, dtype=self.dtype, param_dtype=jnp.float32,
                     precision=self.precision, name=name)
 
-  def norm(self, name: str) -> GroupNorm:
-    return GroupNorm(self.groups, dtype=self.dtype, name=name)
-
-
-class GroupNorm(nn.Module):
-  """torch `GroupNorm(groups, C, eps)` on NHWC inputs, statistics in float32.
-
-  Attributes:
-    groups: number of channel groups; must divide the channel count.
-    eps: added to the variance.
-    dtype: dtype of the output.
-  """
-  groups: int
-  eps: float = NORM_EPS
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    channels = x.shape[-1]
-    if channels % self.groups:
-      raise ValueError(f"GroupNorm: {channels} channels cannot be split into {self.groups} "
-                       "groups (norm_num_groups must divide every block's channel count).")
-    scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
-    h = x.astype(jnp.float32).reshape(x.shape[:-1] + (self.groups, channels // self.groups))
-    axes = tuple(range(1, h.ndim - 2)) + (h.ndim - 1,)
-    mean = jnp.mean(h, axis=axes, keepdims=True)
-    var = jnp.mean(jnp.square(h - mean), axis=axes, keepdims=True)
-    h = ((h - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
-    return (h * scale + bias).astype(self.dtype)
+  def norm(self, name: str) -> sd_unet.GroupNorm:
+    # The UNet's GroupNorm (statistics in float32), with the VAE's eps.
+    return sd_unet.GroupNorm(self.groups, NORM_EPS, self.dtype, name=name)
 
 
 class ResnetBlock(nn.Module):
