@@ -25,3 +25,47 @@ def test_notebook_executes_and_shows_a_grid():
   assert "Loaded EDMPrecond generator" in text and "digits_generator" in text
   assert "grid (91, 73, 1) rows = classes [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]" in text
   assert images == 1
+
+
+def test_text_to_image_notebook_samples_a_generator(tmp_path):
+  """notebooks/sample_text_to_image.ipynb on a tiny SD-shaped generator, through the same path
+  as `python -m sid_jax.sample --prompts` (images equal the library sampler's)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from sid_jax import images as images_lib, lsg, stable_diffusion
+  spec = stable_diffusion.tiny_spec()
+  sd = stable_diffusion.build(spec, stable_diffusion.tiny_tokenizer_dir(spec))
+  params = stable_diffusion.random_params(sd, 3)
+  spec["kwargs"]["generator"] = {"init_timestep": 625}
+  checkpoint = str(tmp_path / "generator")
+  stable_diffusion.save(checkpoint, spec, params, stable_diffusion.tiny_tokenizer_dir(spec))
+
+  nb = nbformat.read(os.path.join(configs_util.ROOT, "notebooks", "sample_text_to_image.ipynb"),
+                     as_version=4)
+  params_cell = nb.cells[2]
+  assert params_cell.source.startswith('CHECKPOINT = ""')
+  params_cell.source = params_cell.source.replace('CHECKPOINT = ""',
+                                                  f"CHECKPOINT = {checkpoint!r}")
+  nb.cells.append(nbformat.v4.new_code_cell(
+      f"np.save({str(tmp_path / 'pictures.npy')!r}, pictures)"))
+  client = NotebookClient(nb, timeout=600, kernel_name="python3",
+                          resources={"metadata": {"path": configs_util.ROOT}})
+  client.execute()
+  texts, shown = [], 0
+  for cell in nb.cells:
+    for out in cell.get("outputs", []):
+      assert out.get("output_type") != "error", out
+      texts.append(out.get("text", ""))
+      shown += "image/png" in out.get("data", {})
+  text = "".join(texts)
+  assert "Loaded a Stable Diffusion generator (t_init = 625)" in text and shown == 1
+  assert "images (2, 16, 16, 3) for seeds [0, 1]" in text
+
+  prompts = ["a photo of a red fox in the snow", "an oil painting of a lighthouse at dusk"]
+  z = np.stack([np.asarray(jax.random.normal(jax.random.key(s), sd.latent_shape))
+                for s in (0, 1)])
+  ref = lsg.make_image_sampler(sd, 625)(params["unet"], params["text_encoder"], params["vae"], z,
+                                        sd.tokenize(prompts), jax.random.key(0))
+  np.testing.assert_array_equal(np.load(tmp_path / "pictures.npy"),
+                                images_lib.to_uint8(np.asarray(ref)))
