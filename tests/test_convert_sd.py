@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import pickle
+import shutil
 import sys
 import types
 
@@ -343,3 +344,25 @@ def test_generator_needs_diffusers(sd1_teacher, tmp_path, capsys, monkeypatch):
   code, _, err = _run(["sd", "--src", sd1_teacher.folder.root, "--generator", pkl, "--dst",
                        tmp_path / "o"], capsys)
   assert code == 1 and "pip install 'sid_jax[convert]' diffusers" in err
+
+
+def test_bin_weight_files_convert_to_the_same_params(sd1_teacher, tmp_path, capsys):
+  """A folder with PyTorch .bin files (older diffusers / transformers exports) converts to the
+  same parameters as its safetensors twin."""
+  src = tmp_path / "bin_folder"
+  shutil.copytree(sd1_teacher.folder.root, src)
+  for part, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                     ("text_encoder", "model")):
+    (src / part / f"{stem}.safetensors").unlink()
+    module = getattr(sd1_teacher.folder, {"text_encoder": "text"}.get(part, part))
+    torch.save(module.state_dict(), src / part / ("pytorch_model.bin" if stem == "model"
+                                                  else f"{stem}.bin"))
+  code, _, err = _run(["sd", "--src", src, "--dst", tmp_path / "out"], capsys)
+  assert code == 0, err
+  _, params = stable_diffusion.load(str(tmp_path / "out"))
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(sd1_teacher.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  record = json.loads((tmp_path / "out" / cli.SOURCE_RECORD).read_text())
+  assert sorted(record["weights_sha256"]) == ["text_encoder/pytorch_model.bin",
+                                              "unet/diffusion_pytorch_model.bin",
+                                              "vae/diffusion_pytorch_model.bin"]
