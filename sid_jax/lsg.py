@@ -24,7 +24,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sid_jax import checkpoints, losses, sharding, stable_diffusion, steps
 from sid_jax.data import prompts as prompts_lib
