@@ -103,6 +103,7 @@ class Run:
   # SiD-LSG only: the Stable Diffusion pieces and the prompt feed (None for SiD).
   lsg: lsg.Parts | None = None
   feed: lsg.PromptFeed | None = None
+  grid_sampler: Any = None  # SiD-LSG: the compiled text-to-image sampler, made at first use
 
 
 def hyper_from_config(config) -> steps.SiDHyper:
@@ -350,10 +351,9 @@ def lsg_grid(run: Run, params) -> np.ndarray:
   prompts = [prompts[i % len(prompts)] for i in range(n)]
   z = np.random.RandomState(run.config.eval.seed + 1).standard_normal(
       (n,) + tuple(run.setup.image_shape)).astype(np.float32)
-  sampler = run.__dict__.get("_grid_sampler")
-  if sampler is None:  # one compiled sampler per run
-    sampler = run.__dict__["_grid_sampler"] = lsg.make_image_sampler(
-        run.lsg.sd, run.config.lsg.init_timestep)
+  if run.grid_sampler is None:
+    run.grid_sampler = lsg.make_image_sampler(run.lsg.sd, run.config.lsg.init_timestep)
+  sampler = run.grid_sampler
   ids = run.lsg.sd.tokenize(prompts)
   b = run.config.eval.batch
   out = []
