@@ -222,6 +222,41 @@ def tiny_spec(*, sd2: bool = False) -> dict[str, Any]:
                      "pad_token": "!" if sd2 else byte_tokenizer.EOS}}
 
 
+# The architectures of Stable Diffusion 1.5 and 2.1-base (their diffusers / transformers config
+# files, architecture keys only), to build full-size modules without weights: shape checks,
+# tracing, memory estimates. The SD 2.1 text encoder is OpenCLIP-H truncated to 23 layers.
+_SD_VAE_CONFIG = {
+    "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
+    "norm_num_groups": 32, "act_fn": "silu", "sample_size": 512, "scaling_factor": 0.18215,
+}
+_SD15_TEXT_CONFIG = {
+    "model_type": "clip_text_model", "vocab_size": 49408, "hidden_size": 768,
+    "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+    "max_position_embeddings": MAX_LENGTH, "hidden_act": "quick_gelu", "bos_token_id": 0,
+    "eos_token_id": 2,
+}
+_SD21_TEXT_CONFIG = dict(_SD15_TEXT_CONFIG, hidden_size=1024, intermediate_size=4096,
+                         num_hidden_layers=23, num_attention_heads=16, hidden_act="gelu")
+_SD_SCHEDULER_CONFIG = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000,
+                        "beta_start": 0.00085, "beta_end": 0.012,
+                        "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
+                        "clip_sample": False}
+
+
+def reference_spec(name: str) -> dict[str, Any]:
+  """The full-size spec of 'sd15' or 'sd21base' (architecture only; weights come from
+  `python -m sid_jax.convert sd`)."""
+  unets = {"sd15": sd_unet.SD15_UNET_CONFIG, "sd21base": sd_unet.SD21_BASE_UNET_CONFIG}
+  texts = {"sd15": _SD15_TEXT_CONFIG, "sd21base": _SD21_TEXT_CONFIG}
+  if name not in unets:
+    raise ValueError(f"Unknown Stable Diffusion reference {name!r}; expected sd15 or sd21base.")
+  return {"class_name": CLASS_NAME, "kwargs": {
+      "unet": dict(unets[name], sample_size=64), "vae": dict(_SD_VAE_CONFIG),
+      "text_encoder": dict(texts[name]), "scheduler": dict(_SD_SCHEDULER_CONFIG)}}
+
+
 def tiny_tokenizer_dir(spec: dict[str, Any]) -> str:
   """A byte-level tokenizer folder for a tiny spec (written once per process, in /tmp)."""
   from sid_jax.data import byte_tokenizer  # pylint: disable=g-import-not-at-top
