@@ -146,15 +146,5 @@ def get_config(arg=None):
     c.data.resolution = 8
     c.data.label_dim = 10  # 1000 classes would make every sample grid 1000 rows tall
     c.model.kwargs = tiny_arch(dict(c.model.kwargs))
-    # One accumulation round: on a CPU every round is unrolled into the compiled iteration.
-    c.training.global_batch = 16
-    c.training.micro_batch = 16
-    c.training.num_steps = 3
-    c.checkpoint.every_steps = 2
-    c.log.every_steps = 1
-    c.log.sample_every_steps = 100
-    c.log.grid_columns = 4
-    c.eval.every_steps = 100
-    c.eval.batch = 16
-    c.eval.num_samples = 16
+    config_base.tiny_schedule(c, batch=16)
   return c

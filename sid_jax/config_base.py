@@ -166,6 +166,22 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def tiny_schedule(c: ml_collections.ConfigDict, batch: int, grid_columns: int = 4) -> None:
+  """The `:tiny` variants' run shape: `batch` in one accumulation round (on a CPU every round is
+  unrolled into the compiled iteration), 3 steps, a checkpoint at step 2, a log line per step,
+  evaluations and grids only at the start and the end."""
+  c.training.global_batch = batch
+  c.training.micro_batch = batch
+  c.training.num_steps = 3
+  c.checkpoint.every_steps = 2
+  c.log.every_steps = 1
+  c.log.sample_every_steps = 100
+  c.log.grid_columns = grid_columns
+  c.eval.every_steps = 100
+  c.eval.batch = batch
+  c.eval.num_samples = max(batch, 2)
+
+
 # ---------------------------------------------------------------------------------------------
 # SiD-LSG (text-to-image from Stable Diffusion), lsg_spec §3-§5.
 # ---------------------------------------------------------------------------------------------
@@ -259,14 +275,6 @@ def lsg_config(teacher: str, arg: str | None) -> ml_collections.ConfigDict:
     c.teacher.official_name = ""
     c.teacher.official_url = ""
     c.data.resolution = 8
-    c.training.global_batch = 8
-    c.training.micro_batch = 8
-    c.training.num_steps = 3
-    c.checkpoint.every_steps = 2
-    c.log.every_steps = 1
-    c.log.sample_every_steps = 100
-    c.log.grid_columns = 2
+    tiny_schedule(c, batch=8, grid_columns=2)
     c.lsg.grid_prompts = list(LSG_GRID_PROMPTS[:4])
-    c.eval.every_steps = 100
-    c.eval.batch = 8
   return c
