@@ -25,7 +25,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sid_jax import checkpoints, losses, sharding, stable_diffusion, steps
+from sid_jax import checkpoints, losses, sharding, steps
+from sid_jax.models import stable_diffusion
 from sid_jax.data import prompts as prompts_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -50,7 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sid_jax import checkpoints, images, lsg, models, sharding, stable_diffusion
+from sid_jax import checkpoints, images, lsg, models, sharding
+from sid_jax.models import stable_diffusion
 from sid_jax.data import prompts as prompts_lib
 
 GENERATOR_DIR = "generator"

@@ -328,7 +328,7 @@ def export_generator(run: Run, params, directory: str, step: int) -> None:
   """Writes the (EMA) generator as a network checkpoint `python -m sid_jax.sample` reads: for
   SiD-LSG a complete Stable Diffusion folder whose UNet is the generator's."""
   if run.lsg is not None:
-    from sid_jax import stable_diffusion  # pylint: disable=g-import-not-at-top
+    from sid_jax.models import stable_diffusion  # pylint: disable=g-import-not-at-top
     teacher = run.config.teacher
     tokenizer_dir = (os.path.join(teacher.checkpoint, stable_diffusion.TOKENIZER_DIR)
                      if teacher.type == "network" else

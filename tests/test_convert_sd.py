@@ -28,7 +28,7 @@ from diffusers import AutoencoderKL as TorchVAE
 from diffusers import UNet2DConditionModel as TorchUNet
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from sid_jax import stable_diffusion
+from sid_jax.models import stable_diffusion
 from sid_jax.convert import __main__ as convert_main
 from sid_jax.convert import cli
 from sid_jax.data import byte_tokenizer

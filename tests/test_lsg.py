@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from sid_jax import denoisers, losses, lsg, optim, stable_diffusion, steps
+from sid_jax import denoisers, losses, lsg, optim, steps
+from sid_jax.models import stable_diffusion
 from sid_jax.convert import clip_params, sd_unet_params
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from sid_jax import checkpoints, config_base, stable_diffusion, steps, train
+from sid_jax import checkpoints, config_base, steps, train
+from sid_jax.models import stable_diffusion
 from tests import configs_util
 
 

@@ -19,7 +19,7 @@ import torch
 from sid_jax.convert.edm_params import torch_state_dict_to_flax
 from sid_jax.nets import layers
 from sid_jax.nets.dhariwal import DhariwalUNet
-from sid_jax.nets.edm_registry import build_edm_denoiser
+from sid_jax.models.edm import build_edm_denoiser
 from sid_jax.nets.songunet import SongUNet
 
 TESTDATA = pathlib.Path(__file__).parent / "testdata"

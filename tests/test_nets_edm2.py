@@ -17,7 +17,7 @@ import torch
 
 from sid_jax.convert import edm2_params
 from sid_jax.nets import edm2
-from sid_jax.nets.edm2_registry import build_edm2_denoiser
+from sid_jax.models.edm2 import build_edm2_denoiser
 
 TESTDATA = pathlib.Path(__file__).parent / "testdata"
 CASES = ("edm2_unet", "edm2_generator", "edm2_precond_nvidia")

@@ -33,7 +33,8 @@ def test_text_to_image_notebook_samples_a_generator(tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   # pylint: disable-next=g-import-not-at-top
-  from sid_jax import images as images_lib, lsg, stable_diffusion
+  from sid_jax import images as images_lib, lsg
+  from sid_jax.models import stable_diffusion
   spec = stable_diffusion.tiny_spec()
   sd = stable_diffusion.build(spec, stable_diffusion.tiny_tokenizer_dir(spec))
   params = stable_diffusion.random_params(sd, 3)

@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from sid_jax import checkpoints, images, lsg, sample, sharding, stable_diffusion
+from sid_jax import checkpoints, images, lsg, sample, sharding
+from sid_jax.models import stable_diffusion
 
 PROMPTS = ["a red cat", "a photo of a dog on grass", "", "an oil painting of a lighthouse"]
 SEEDS = [3, 0, 2]  # listed out of order on purpose

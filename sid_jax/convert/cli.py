@@ -460,7 +460,7 @@ def convert_sd(src: str, dst: str, *, variant: str | None = None, generator: str
   Raises:
     ConversionError, FileNotFoundError or ValueError (the converters' key reports).
   """
-  from sid_jax import stable_diffusion  # pylint: disable=g-import-not-at-top
+  from sid_jax.models import stable_diffusion  # pylint: disable=g-import-not-at-top
   src = check_diffusers_folder(src)
   dst = check_dst(dst, overwrite)
 

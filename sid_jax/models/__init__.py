@@ -30,6 +30,8 @@ import ml_collections
 import numpy as np
 
 from sid_jax import checkpoints, denoisers
+from sid_jax.models import edm as edm_models
+from sid_jax.models import edm2 as edm2_models
 
 EDM_CLASSES = ("EDMPrecond", "VPPrecond", "VEPrecond", "EDMPrecond_EncoderDecoder")
 EDM2_CLASSES = ("Precond", "EDM_2_Precond_EncoderDecoder", "EDM_2_Precond_Generator")
@@ -53,11 +55,9 @@ def build_denoiser(spec: dict) -> denoisers.NetworkDenoiser:
     raise ValueError(f"A network spec needs 'class_name' and 'kwargs', got keys {sorted(spec)}.")
   name = spec["class_name"]
   if name in EDM_CLASSES:
-    from sid_jax.nets import edm_registry  # pylint: disable=g-import-not-at-top
-    return edm_registry.build_edm_denoiser(name, spec["kwargs"])
+    return edm_models.build_edm_denoiser(name, spec["kwargs"])
   if name in EDM2_CLASSES:
-    from sid_jax.nets import edm2_registry  # pylint: disable=g-import-not-at-top
-    return edm2_registry.build_edm2_denoiser(name, spec["kwargs"])
+    return edm2_models.build_edm2_denoiser(name, spec["kwargs"])
   raise ValueError(f"Unknown network class {name!r}; supported: {EDM_CLASSES + EDM2_CLASSES}.")
 
 
