@@ -1,20 +1,16 @@
-"""SiD-LSG from Stable Diffusion 1.5 (lsg_spec §3-§5): one-step text-to-image, data-free.
+"""SiD-LSG from Stable Diffusion 1.5: an alias of configs/sid_lsg.py with teacher=sd15.
 
-  python -m sid_jax.convert sd --src stable-diffusion-v1-5 --dst teachers/sd15
-  python -m sid_jax.main --config=configs/sd15_lsg.py:kappa=1.5 --workdir=runs/sd15-k1.5 \
-      --config.teacher.checkpoint=teachers/sd15 --config.lsg.prompts=aesthetics_6_plus.txt
-
-`kappa` (1.5, 2, 3 or 4.5; default 1.5) sets kappa_1 = kappa_2 = kappa_4 as in every released
-model; the run length is that release's snapshot (config_base.LSG_RELEASED_KIMG). Adam
-(beta1 0, lr 1e-6), EMA half-life 50 kimg, alpha 1, global batch 512, float32. Use
-`--config.lsg.compute_dtype=bfloat16` for bf16 compute with float32 master weights.
-
-`:kappa=K,tiny` runs the same code path on a tiny random SD-shaped model (SD 1.x settings,
-8x8 latents, byte-level tokenizer, the bundled prompt list) for tests and smoke runs.
+  python -m sid_jax.main --config=configs/sd15_lsg.py:kappa=1.5 ... is
+  python -m sid_jax.main --config=configs/sid_lsg.py:teacher=sd15,kappa=1.5 ...
 """
 
-from sid_jax import config_base
+import importlib.util
+import os
 
 
 def get_config(arg=None):
-  return config_base.lsg_config("sd15", arg)
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sid_lsg.py")
+  spec = importlib.util.spec_from_file_location("_config_sid_lsg", path)
+  sid_lsg = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(sid_lsg)  # a config file, loaded as --config loads it
+  return sid_lsg.get_config(arg, teacher="sd15")

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from sid_jax import checkpoints, config_base, steps, train
+from sid_jax import checkpoints, steps, train
 from sid_jax.models import stable_diffusion
 from tests import configs_util
 
@@ -88,7 +88,7 @@ def test_paper_settings(name, teacher, kappa):
           c.optim.eps) == (1e-6, 1e-6, 0.0, 0.0, 0.999, 1e-8)
   assert c.ema.halflife_kimg == 50.0 and c.ema.rampup == 0.05
   assert c.training.global_batch == 512 and g.compute_dtype == "float32"
-  kimg = config_base.LSG_RELEASED_KIMG[teacher][kappa]
+  kimg = configs_util.load_module("sid_lsg.py").RELEASED_KIMG[teacher][kappa]
   assert (c.training.num_steps - 1) * 512 < kimg * 1000 <= c.training.num_steps * 512
   assert (c.data.resolution, c.data.channels, c.data.label_dim) == (64, 4, 0)
   assert g.tiny_sd2 == (teacher == "sd21base")

@@ -185,6 +185,21 @@ def test_unknown_config_arguments_are_reported():
     configs_util.load("sid_edm2.py", "size=xs,batch=3")
 
 
+def test_lsg_aliases_are_sid_lsg_with_the_teacher_fixed():
+  """configs/sd15_lsg.py and configs/sd21base_lsg.py (used in the README) load configs/sid_lsg.py
+  with the teacher fixed; a bad teacher name is reported with the allowed ones."""
+  one = configs_util.load("sid_lsg.py", "teacher=sd21base,kappa=3,tiny")
+  alias = configs_util.load("sd21base_lsg.py", "kappa=3,tiny")
+  assert one.to_dict() == alias.to_dict()
+  assert one.to_dict() != configs_util.load("sd15_lsg.py", "kappa=3,tiny").to_dict()
+  with pytest.raises(ValueError, match=r"teacher='sd3'.*\['sd15', 'sd21base'\]"):
+    configs_util.load("sid_lsg.py", "teacher=sd3,kappa=2")
+  with pytest.raises(ValueError, match=r"\['sd15', 'sd21base'\]"):
+    configs_util.load("sid_lsg.py", "kappa=2")  # the teacher has no default
+  with pytest.raises(ValueError, match="Unknown config argument 'teacher'"):
+    configs_util.load("sd15_lsg.py", "teacher=sd21base,kappa=2")
+
+
 # ---------------------------------------------------------------------------------------------
 # The tiny variants.
 # ---------------------------------------------------------------------------------------------
