@@ -1,9 +1,10 @@
 """Parity of the Flax EDM networks (SongUNet DDPM++/NCSN++, DhariwalUNet ADM) with official EDM.
 
-The golden fixtures in tests/testdata (see /work/shared/golden/README.md) hold tiny official
-networks with perturbed random weights, their torch `state_dict`, inputs and the official forward
-evaluated in float64. Every case goes through the real loading path: `build_edm_denoiser(class,
-config)` + `torch_state_dict_to_flax(state_dict)`, with NCHW <-> NHWC transposes at the boundary.
+The golden fixtures in tests/testdata, copied from the project's shared golden fixtures
+(shared/golden/README.md beside the repository), hold tiny official networks with perturbed random
+weights, their torch `state_dict`, inputs and the official forward evaluated in float64. Every
+case goes through the real loading path: `build_edm_denoiser(class, config)` +
+`torch_state_dict_to_flax(state_dict)`, with NCHW <-> NHWC transposes at the boundary.
 """
 
 import functools
