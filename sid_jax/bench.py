@@ -19,12 +19,14 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
+from sid_jax import cli
+from sid_jax import run as run_lib
 
-def _define_flags():
-  """Flags exist only when this module is the program, so importing it never clashes."""
-  config_flags.DEFINE_config_file("config", None, "Config file to benchmark.", lock_config=True)
-  flags.DEFINE_integer("steps", 5, "Timed iterations (after one warm-up).")
-  flags.mark_flags_as_required(["config"])
+
+FLAGS = flags.FlagValues()
+config_flags.DEFINE_config_file("config", None, "Config file to benchmark.", flag_values=FLAGS,
+                                lock_config=True)
+flags.DEFINE_integer("steps", 5, "Timed iterations (after one warm-up).", flag_values=FLAGS)
 
 
 def _peak_rss_mb() -> float:
@@ -33,15 +35,14 @@ def _peak_rss_mb() -> float:
 
 
 def benchmark(config, steps: int) -> dict:
-  from sid_jax import train  # pylint: disable=g-import-not-at-top
   if steps <= 0:
     raise ValueError(f"--steps must be positive, got {steps}.")
-  run = train.build_run(config)
-  state = train.initial_state(run)
-  teacher_params = jax.device_put(run.teacher.params, run.teacher_shardings)
+  run = run_lib.build_run(config)
+  state = run_lib.initial_state(run)
+  teacher_params = run_lib.teacher_on_mesh(run)
   key = jax.random.key(config.seed)
   t0 = time.perf_counter()
-  compiled = train.compile_train_step(run, state, teacher_params, key)
+  compiled = run_lib.compile_train_step(run, state, teacher_params, key)
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
@@ -59,28 +60,22 @@ def benchmark(config, steps: int) -> dict:
     times.append(time.perf_counter() - t)
   iter_s = float(np.median(times))
 
+  # Sampling: one batch of the run's generator (text-to-image: decoded by the VAE).
   batch = config.eval.batch
-  if run.lsg is not None:
-    from sid_jax import lsg  # pylint: disable=g-import-not-at-top
-    sampler = lsg.make_image_sampler(run.lsg.sd, config.lsg.init_timestep)
-    ids = run.lsg.sd.tokenize(["a photo of a cat"] * batch)
-    z = np.zeros((batch,) + tuple(run.setup.image_shape), np.float32)
+  _, conditions, _, _ = run_lib.grid_inputs(run)
+  seeds = np.arange(batch)
+  if conditions is not None:
+    conditions = [conditions[i % len(conditions)] for i in range(batch)]
+  params = run.sampling_params(state.generator_ema, teacher_params)
 
-    def sample_once():  # latents -> VAE-decoded images
-      return sampler(state.generator_ema, teacher_params["text_encoder"], run.lsg.vae_params, z,
-                     ids, key)
-  else:
-    sample = train.make_sampler(run)
-    z, labels, _ = train.fixed_inputs(run, 0, batch)
+  def sample_once():
+    return run.generator.generate(seeds, conditions, params=params, batch=batch)
 
-    def sample_once():
-      return sample(state.generator_ema, z, labels)
-
-  jax.block_until_ready(sample_once())
+  sample_once()
   sample_times = []
   for _ in range(steps):
     t = time.perf_counter()
-    jax.block_until_ready(sample_once())
+    sample_once()
     sample_times.append(time.perf_counter() - t)
   sample_s = float(np.median(sample_times))
   memory = {}
@@ -114,10 +109,13 @@ def benchmark(config, steps: int) -> dict:
 
 
 def main(argv):
-  del argv
-  print(json.dumps(benchmark(flags.FLAGS.config, flags.FLAGS.steps), sort_keys=True))
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments {argv[1:]}.")
+  if FLAGS.config is None:
+    raise app.UsageError("--config is required (configs/NAME.py[:ARG]).")
+  result = cli.report_errors("sid_jax.bench", lambda: benchmark(FLAGS.config, FLAGS.steps))
+  print(json.dumps(result, sort_keys=True))
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parser(FLAGS, __doc__))

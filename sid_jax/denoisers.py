@@ -88,19 +88,6 @@ class VEPreconditioning:
     return jnp.ones_like(sigma), sigma, jnp.ones_like(sigma), jnp.log(0.5 * sigma)
 
 
-PRECONDITIONINGS = {
-    "edm": EDMPreconditioning,
-    "vp": VPPreconditioning,
-    "ve": VEPreconditioning,
-}
-
-
-def make_preconditioning(name: str, **kwargs):
-  if name not in PRECONDITIONINGS:
-    raise ValueError(f"Unknown preconditioning {name!r}; expected one of {sorted(PRECONDITIONINGS)}.")
-  return PRECONDITIONINGS[name](**kwargs)
-
-
 # ---------------------------------------------------------------------------------------------
 # A raw Flax network wrapped into a denoiser.
 # ---------------------------------------------------------------------------------------------
@@ -354,18 +341,3 @@ class GaussianMixtureDenoiser:
     centred = means - mu
     cov = (centred.T * pi) @ centred + self.std**2 * np.eye(means.shape[1])
     return mu, cov
-
-
-def generate_one_step(generator: Denoiser, params, z: Array, sigma_init: float,
-                      labels: Array | None = None) -> Array:
-  """One network call: x = G(sigma_init * z; sigma_init, labels) (z standard normal)."""
-  return generator(params, sigma_init * z, jnp.asarray(sigma_init, jnp.float32), labels)
-
-
-def bind(denoiser: Callable, params, **kwargs) -> Callable:
-  """D(x, sigma, labels) with parameters (and fixed keyword arguments) bound."""
-
-  def fn(x, sigma, labels=None):
-    return denoiser(params, x, sigma, labels, **kwargs)
-
-  return fn

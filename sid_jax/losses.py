@@ -1,7 +1,7 @@
 """Pure SiD loss functions, written against the denoiser interface (spec §2, §3, §7.3).
 
-Every loss takes *bound* denoisers `D(x, sigma, labels) -> x0_hat` (parameters already applied,
-see `denoisers.bind`), the images it acts on and the random draws it needs as explicit arrays, and
+Every loss takes *bound* denoisers `D(x, sigma, labels) -> x0_hat` (parameters already applied
+by the caller), the images it acts on and the random draws it needs as explicit arrays, and
 returns `(scalar_loss, aux)`. The scalar is reduced exactly as the official training loop does:
 the per-element loss is summed over the pixels of each sample, summed over the samples given, then
 multiplied by `loss_scale / batch_size` where `batch_size` is the *global* batch. Summing the
@@ -19,7 +19,8 @@ and the EDM2 variants of the losses are used.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -76,43 +77,47 @@ def _split_logvar(out, use_logvar: bool):
 
 
 # ---------------------------------------------------------------------------------------------
-# Noise levels: which sigma each loss sees. The losses take sigma as an array; these objects turn
-# the step's per-sample random draws into it.
+# Noise levels p(sigma) and loss weights lambda(sigma). A noise-level object owns its random draw:
+# `sample(key, shape)` draws the unit variable (normal or uniform) with a global shape and maps it
+# through `sigma(draw)`, the spec's formula (tests feed the spec's fixed draws to `sigma`).
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
-class EDMNoiseLevels:
-  """SiD on EDM/EDM2 teachers: lognormal sigma (EDM weight) for the fake score, the tmax
-  rho-ramp for the generator (spec §2-§3). Draw kinds: 'rn' = N(0, 1), 'u' = U[0, 1)."""
+class LognormalLevels:
+  """EDM's training distribution: ln sigma ~ N(p_mean, p_std^2) (the fake score's loss, spec §2)."""
   p_mean: float = -1.2
   p_std: float = 1.2
-  sigma_data: float = 0.5
+
+  def sigma(self, rn: Array) -> Array:
+    return lognormal_sigma(rn, self.p_mean, self.p_std)
+
+  def sample(self, key: Array, shape: tuple[int, ...]) -> Array:
+    return self.sigma(jax.random.normal(key, shape, jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class TmaxLevels:
+  """SiD's generator-loss levels: t = u tmax / 1000 on the rho-ramp, u ~ U[0, 1) (spec §3.1)."""
   tmax: float = 800.0
   sigma_min: float = 0.002
   sigma_max: float = 80.0
   rho: float = 7.0
-  fake_draw: str = "rn"
-  gen_draw: str = "u"
 
-  def fake(self, rn: Array) -> tuple[Array, Array]:
-    sigma = lognormal_sigma(rn, self.p_mean, self.p_std)
-    return sigma, edm_weight(sigma, self.sigma_data)
-
-  def gen(self, u: Array) -> Array:
+  def sigma(self, u: Array) -> Array:
     return tmax_sigma(u, self.tmax, self.sigma_min, self.sigma_max, self.rho)
+
+  def sample(self, key: Array, shape: tuple[int, ...]) -> Array:
+    return self.sigma(jax.random.uniform(key, shape, jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True)
-class DiscreteNoiseLevels:
-  """SiD-LSG on DDPM teachers (lsg_spec §4.1): integer t ~ U{t_min, ..., t_max - 1} for both
-  losses, sigma_t from the teacher's discrete grid `sigmas` [T]. The fake score's loss is the
-  epsilon loss sum (eps_hat - n)^2 = sum (D - x0)^2 / sigma^2, i.e. weight 1 / sigma^2."""
+class DiscreteLevels:
+  """A DDPM teacher's grid (lsg_spec §4.1): integer t ~ U{t_min, ..., t_max - 1}, sigma_t from
+  the grid `sigmas` [T]. SiD-LSG uses it for both losses."""
   sigmas: tuple[float, ...]
   t_min: int = 20
   t_max: int = 980
-  fake_draw: str = "u"
-  gen_draw: str = "u"
 
   def __post_init__(self):
     if not 0 <= self.t_min < self.t_max <= len(self.sigmas):
@@ -124,12 +129,28 @@ class DiscreteNoiseLevels:
     t = self.t_min + jnp.floor(u * (self.t_max - self.t_min)).astype(jnp.int32)
     return jnp.clip(t, self.t_min, self.t_max - 1)
 
-  def gen(self, u: Array) -> Array:
+  def sigma(self, u: Array) -> Array:
     return jnp.asarray(np.asarray(self.sigmas, np.float32))[self.timestep(u)]
 
-  def fake(self, u: Array) -> tuple[Array, Array]:
-    sigma = self.gen(u)
-    return sigma, 1.0 / sigma**2
+  def sample(self, key: Array, shape: tuple[int, ...]) -> Array:
+    return self.sigma(jax.random.uniform(key, shape, jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class EDMWeight:
+  """lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2 (EDM's loss weight)."""
+  sigma_data: float = 0.5
+
+  def __call__(self, sigma: Array) -> Array:
+    return edm_weight(sigma, self.sigma_data)
+
+
+@dataclasses.dataclass(frozen=True)
+class EpsWeight:
+  """lambda(sigma) = 1 / sigma^2: sum (D - x0)^2 / sigma^2 is the epsilon loss (SiD-LSG)."""
+
+  def __call__(self, sigma: Array) -> Array:
+    return 1.0 / sigma**2
 
 
 def dsm_loss(denoiser: BoundDenoiser,
@@ -153,7 +174,7 @@ def dsm_loss(denoiser: BoundDenoiser,
     denoiser: D_psi(x, sigma, labels[, aug_labels=...]) -> x0_hat (or (x0_hat, logvar)); a
       guided denoiser (`denoisers.guided`) for classifier-free guidance in this loss.
     y: clean images [B, H, W, C] (generator samples, already stop-gradient, maybe augmented).
-    sigma, weight: [B] noise levels and loss weights (see `EDMNoiseLevels.fake`).
+    sigma, weight: [B] noise levels and loss weights (e.g. `LognormalLevels`, `EDMWeight`).
     noise: standard normal like y.
   """
   sigma = sigma.reshape((-1,) + (1,) * (y.ndim - 1))
@@ -192,7 +213,7 @@ def sid_generator_loss(true_denoiser: BoundDenoiser,
   are the guided ones (kappa_4 for the teacher, kappa_2 for the fake score).
 
   Args:
-    sigma: [B] noise levels (see `EDMNoiseLevels.gen`, `DiscreteNoiseLevels.gen`).
+    sigma: [B] noise levels (see `TmaxLevels`, `DiscreteLevels`).
     noise: standard normal like x_g.
   """
   sigma = sigma.reshape((-1,) + (1,) * (x_g.ndim - 1))
@@ -217,3 +238,50 @@ def sid_generator_loss(true_denoiser: BoundDenoiser,
       "sigma": sigma.reshape(-1),
       "w_b": w_b.reshape(-1),
   }
+
+
+# ---------------------------------------------------------------------------------------------
+# The losses as values the training step is given (steps.SiDSetup.fake_loss / generator_loss).
+# Each draws its own per-sample randomness (`draw`) with global shapes, and is called on one
+# micro-batch with the draws of that micro-batch (`d`, which also holds the step's 'noise').
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DSMLoss:
+  """The fake score's denoising score matching loss: sigma ~ `levels`, weight `weight(sigma)`."""
+  levels: Any = LognormalLevels()
+  weight: Callable[[Array], Array] = EDMWeight()
+  loss_scale: float = 1.0
+  use_logvar: bool = False
+
+  def draw(self, key: Array, shape: tuple[int, ...]) -> dict[str, Array]:
+    return {"sigma": self.levels.sample(key, shape)}
+
+  def __call__(self, fake: BoundDenoiser, y: Array, cond, d: dict[str, Array], *,
+               batch_size: int, aug_labels: Array | None = None):
+    if self.use_logvar:
+      fake = functools.partial(fake, return_logvar=True)
+    return dsm_loss(fake, y, cond, d["sigma"], self.weight(d["sigma"]), d["noise"],
+                    loss_scale=self.loss_scale, batch_size=batch_size, aug_labels=aug_labels,
+                    use_logvar=self.use_logvar)
+
+
+@dataclasses.dataclass(frozen=True)
+class SiDGeneratorLoss:
+  """The SiD generator loss with sigma ~ `levels` (spec §3; EDM2 §7.3; lsg_spec §4.3)."""
+  levels: Any = TmaxLevels()
+  alpha: float = 1.2
+  loss_scale: float = 100.0
+  use_logvar: bool = False
+
+  def draw(self, key: Array, shape: tuple[int, ...]) -> dict[str, Array]:
+    return {"sigma": self.levels.sample(key, shape)}
+
+  def __call__(self, teacher: BoundDenoiser, fake: BoundDenoiser, x_g: Array, cond,
+               d: dict[str, Array], *, batch_size: int):
+    if self.use_logvar:
+      fake = functools.partial(fake, return_logvar=True)
+    return sid_generator_loss(teacher, fake, x_g, cond, d["sigma"], d["noise"], alpha=self.alpha,
+                              loss_scale=self.loss_scale, batch_size=batch_size,
+                              use_logvar=self.use_logvar)

@@ -38,29 +38,25 @@ Text-to-image generators (class_name 'StableDiffusion': a SiD-LSG run's export, 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import time
 import zipfile
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from absl import app, flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from sid_jax import checkpoints, images, lsg, models, sharding
-from sid_jax.models import stable_diffusion
+from sid_jax import checkpoints, cli, generators, images
 from sid_jax.data import prompts as prompts_lib
+from sid_jax.models import stable_diffusion
 
 GENERATOR_DIR = "generator"
 GENERATION_RECORD = "generation.json"
 NPZ_NAME = "images.npz"
-CLASS_BATCH = 256  # default --batch of class-conditional generators
-T2I_BATCH = 16  # default --batch of text-to-image generators
-# What `python -m sid_jax.convert sd` writes beside a converted model (convert.cli.SOURCE_RECORD).
-SOURCE_RECORD = "source.json"
+CLASS_BATCH = generators.ClassGenerator.default_batch
+T2I_BATCH = generators.TextToImageGenerator.default_batch
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -78,129 +74,6 @@ def parse_seeds(text: str) -> list[int]:
   if not seeds:
     raise ValueError("--seeds is empty.")
   return seeds
-
-
-def _round_batch(batch: int, mesh, num_items: int | None = None) -> int:
-  """`batch` rounded down to a multiple of the device count (at least one per device), and no
-  larger than `num_items` rounded up to that multiple."""
-  shards = sharding.batch_size_divisor(mesh)
-  batch = max(shards, batch // shards * shards)
-  if num_items is not None:
-    batch = min(batch, -(-num_items // shards) * shards)
-  return batch
-
-
-class Generator:
-  """A one-step generator loaded from a network checkpoint (spec + params + sigma_init)."""
-
-  def __init__(self, directory: str, mesh=None):
-    self.spec = checkpoints.load_network_spec(directory)
-    if "sigma_init" not in self.spec:
-      raise ValueError(f"{directory!r} is a network checkpoint but not a one-step generator "
-                       "(its network.json has no 'sigma_init').")
-    self.sigma_init = float(self.spec["sigma_init"])
-    self.denoiser = models.build_denoiser(self.spec)
-    res, _, ch, self.label_dim = models.spec_image_shape(self.spec)
-    self.image_shape = (res, res, ch)
-    self.params = checkpoints.load_network_params(
-        directory, models.abstract_params(self.denoiser, self.image_shape, self.label_dim))
-    self.mesh = mesh or sharding.make_mesh({"data": -1})
-    param_sh = sharding.param_shardings(self.mesh, self.params)
-    self.params = jax.device_put(self.params, param_sh)
-    batch = sharding.batch_sharding(self.mesh)
-    self._fn = jax.jit(self._generate, in_shardings=(param_sh, batch, batch), out_shardings=batch)
-
-  def _generate(self, params, seeds, classes):
-    keys = jax.vmap(jax.random.key)(seeds)
-    z = jax.vmap(lambda k: jax.random.normal(k, self.image_shape, jnp.float32))(keys)
-    labels = None
-    if self.label_dim:
-      drawn = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 1), (), 0,
-                                                    self.label_dim))(keys)
-      labels = jax.nn.one_hot(jnp.where(classes >= 0, classes, drawn), self.label_dim)
-    sigma = jnp.full((seeds.shape[0],), self.sigma_init, jnp.float32)
-    x = self.denoiser(params, self.sigma_init * z, sigma, labels)
-    return x, (jnp.argmax(labels, -1) if labels is not None else jnp.full_like(seeds, -1))
-
-  def __call__(self, seeds, class_idx: int | None = None, batch: int = CLASS_BATCH):
-    """Images in [-1, 1] [N, H, W, C] and their class ids (-1 if unconditional), host numpy."""
-    if class_idx is not None and not 0 <= class_idx < max(self.label_dim, 1):
-      raise ValueError(f"--class {class_idx} is out of range for label_dim={self.label_dim}.")
-    if class_idx is not None and not self.label_dim:
-      raise ValueError("--class given, but this generator is unconditional.")
-    batch = _round_batch(batch, self.mesh)
-    seeds = np.asarray(seeds, np.int32)
-    xs, ls = [], []
-    for start in range(0, len(seeds), batch):
-      chunk = seeds[start:start + batch]
-      pad = batch - len(chunk)
-      padded = np.concatenate([chunk, np.zeros(pad, np.int32)])
-      classes = np.full(batch, -1 if class_idx is None else class_idx, np.int32)
-      with jax.set_mesh(self.mesh):
-        x, l = self._fn(self.params, padded, classes)
-      xs.append(np.asarray(jax.device_get(x))[:len(chunk)])
-      ls.append(np.asarray(jax.device_get(l))[:len(chunk)])
-    return np.concatenate(xs), np.concatenate(ls)
-
-
-# ---------------------------------------------------------------------------------------------
-# Text-to-image (SiD-LSG) generators.
-# ---------------------------------------------------------------------------------------------
-
-
-def is_text_to_image(spec: dict[str, Any]) -> bool:
-  """Whether a network.json spec is a Stable Diffusion model (a SiD-LSG generator or teacher)."""
-  return spec.get("class_name") == stable_diffusion.CLASS_NAME
-
-
-def timesteps(init_timestep: int, steps: int) -> list[int]:
-  """The generator's timesteps t_i = floor(t_init (1 - i / k)), as `lsg.generate_latents`."""
-  return [int(math.floor(init_timestep * (1 - i / steps))) for i in range(steps)]
-
-
-def resolve_init_timestep(directory: str, spec: dict[str, Any],
-                          init_timestep: int | None) -> tuple[int, str]:
-  """(t_init, where it came from) for a Stable Diffusion checkpoint.
-
-  Order: `--init_timestep`; the spec's `kwargs.generator.init_timestep` (a SiD-LSG run's export);
-  the `generator.init_timestep` of source.json (a released generator converted with
-  `python -m sid_jax.convert sd --generator` before that command also marked network.json).
-  A model with none of them is a teacher.
-
-  Args:
-    directory: the checkpoint directory.
-    spec: its network.json.
-    init_timestep: the `--init_timestep` flag (None if not given).
-
-  Returns:
-    The timestep and a short description of its origin (for generation.json).
-
-  Raises:
-    ValueError: for a teacher without `--init_timestep`, or a timestep outside the DDPM grid.
-  """
-  num = stable_diffusion.scheduler_settings(spec["kwargs"]["scheduler"])["num_train_timesteps"]
-  if init_timestep is not None:
-    value, origin = int(init_timestep), "--init_timestep"
-  elif "init_timestep" in (spec["kwargs"].get("generator") or {}):
-    value, origin = int(spec["kwargs"]["generator"]["init_timestep"]), "network.json"
-  else:
-    record = {}
-    path = os.path.join(directory, SOURCE_RECORD)
-    if os.path.isfile(path):
-      with open(path, encoding="utf-8") as f:
-        record = json.load(f)
-    gen = record.get("generator") or {}
-    if "init_timestep" not in gen:
-      raise ValueError(
-          f"{directory!r} is a Stable Diffusion teacher, not a distilled generator: its "
-          f"{checkpoints.NETWORK_SPEC} has no 'generator' entry (a model converted with "
-          "`python -m sid_jax.convert sd` without --generator). Sample a SiD-LSG run "
-          f"(--workdir RUN, i.e. RUN/{GENERATOR_DIR}), or pass --init_timestep (e.g. 625) to use "
-          "these weights as a one-step generator anyway.")
-    value, origin = int(gen["init_timestep"]), SOURCE_RECORD
-  if not 0 <= value < num:
-    raise ValueError(f"init_timestep={value} (from {origin}) must lie in [0, {num}).")
-  return value, origin
 
 
 def assign_prompts(seeds: Sequence[int], prompt_lines: Sequence[str], path: str,
@@ -271,80 +144,6 @@ def read_latents(path: str, num: int, latent_shape: tuple[int, int, int]) -> np.
   return z
 
 
-class TextToImageGenerator:
-  """A SiD-LSG generator: a Stable Diffusion checkpoint whose UNet takes `steps` steps from
-  `init_timestep`. Each image is a function of (seed, prompt, latent) only."""
-
-  def __init__(self, directory: str, *, init_timestep: int, steps: int = 1, mesh=None):
-    if steps < 1:
-      raise ValueError(f"--steps must be at least 1, got {steps}.")
-    self.init_timestep, self.steps = int(init_timestep), int(steps)
-    self.sd, params = stable_diffusion.load(directory)
-    self.latent_shape = tuple(self.sd.latent_shape)
-    self.mesh = mesh or sharding.make_mesh({"data": -1})
-    param_sh = sharding.param_shardings(self.mesh, params)
-    self.params = jax.device_put(params, param_sh)
-    batch = sharding.batch_sharding(self.mesh)
-    self._fn = jax.jit(self._generate, in_shardings=(param_sh, batch, batch, batch),
-                       out_shardings=batch)
-    draw = jax.vmap(lambda s: jax.random.normal(jax.random.key(s), self.latent_shape,
-                                                jnp.float32))
-    self._draw = jax.jit(draw, in_shardings=batch, out_shardings=batch)
-
-  def _generate(self, params, z, ids, seeds):
-    """Images [B, H, W, 3] in about [-1, 1] of latents z [B, h, w, c], ids [B, 77], seeds [B]."""
-    den = self.sd.denoiser
-    emb = self.sd.encode_text(params["text_encoder"], ids)
-
-    def one(e, x, key):  # one image, so the fresh noise of step i >= 1 depends on its seed only
-      return lsg.generate_latents(den, params["unet"], e[None], x[None], self.init_timestep,
-                                  self.steps, key)[0]
-
-    latents = jax.vmap(one)(emb, z, jax.vmap(jax.random.key)(seeds))
-    return self.sd.decode(params["vae"], latents)
-
-  def default_latents(self, seeds: Sequence[int]) -> np.ndarray:
-    """[N, h, w, c]: jax.random.normal(jax.random.key(s), (h, w, c)) for every seed s."""
-    with jax.set_mesh(self.mesh):
-      return np.asarray(self._draw(np.asarray(seeds, np.int32)))
-
-  def __call__(self, seeds: Sequence[int], prompts: Sequence[str], latents=None,
-               batch: int = T2I_BATCH) -> Iterator[tuple[int, np.ndarray]]:
-    """Yields (index of the first image, images [b, H, W, 3] in about [-1, 1]) batch by batch.
-
-    The next batch is dispatched before a batch is handed out, so that writing images on the
-    host overlaps with generation.
-
-    Args:
-      seeds: one per image (the random seed of its latent and of later steps' noise).
-      prompts: one per image.
-      latents: optional [N, h, w, c] latents replacing the seeds' default ones.
-      batch: images per compiled call (rounded to the device count; the last batch is padded).
-    """
-    if len(prompts) != len(seeds):
-      raise ValueError(f"{len(seeds)} seeds but {len(prompts)} prompts.")
-    seeds = np.asarray(seeds, np.int32)
-    batch = _round_batch(batch, self.mesh, len(seeds))
-    pending = None
-    for start in range(0, len(seeds), batch):
-      chunk = seeds[start:start + batch]
-      pad = batch - len(chunk)
-      padded = np.concatenate([chunk, np.zeros(pad, np.int32)])
-      ids = self.sd.tokenize(list(prompts[start:start + batch]) + [""] * pad)
-      with jax.set_mesh(self.mesh):
-        if latents is None:
-          z = self._draw(padded)
-        else:
-          z = np.asarray(latents[start:start + batch], np.float32)
-          z = np.concatenate([z, np.zeros((pad,) + self.latent_shape, np.float32)])
-        x = self._fn(self.params, z, ids, padded)
-      if pending is not None:
-        yield pending[0], np.asarray(jax.device_get(pending[1]))[:pending[2]]
-      pending = (start, x, len(chunk))
-    if pending is not None:
-      yield pending[0], np.asarray(jax.device_get(pending[1]))[:pending[2]]
-
-
 class NpzStream:
   """Writes an .npz whose `arr_0` (uint8) arrives batch by batch, so that the 30k images of an
   evaluation run are never held in memory; other arrays are added on `close`. The file appears
@@ -399,27 +198,32 @@ def resolve_generator_dir(workdir: str | None, checkpoint: str | None) -> str:
   return path
 
 
-def _define_flags():
-  """Flags exist only when this module is the program (so importing it never clashes)."""
-  flags.DEFINE_string("workdir", None, "Distillation workdir (uses WORKDIR/generator).")
-  flags.DEFINE_string("checkpoint", None, "Generator network checkpoint directory.")
-  flags.DEFINE_string("seeds", "0-63", "Seeds, e.g. 0-49999 or 1,5,9.")
-  flags.DEFINE_string("outdir", None, "Where to write the images.")
-  flags.DEFINE_integer("class", None, "Class for every image (default: random per seed).")
-  flags.DEFINE_integer("batch", None, f"Images per generator call (default {CLASS_BATCH}, "
-                       f"text-to-image {T2I_BATCH}); results do not depend on it.")
-  flags.DEFINE_bool("npz", False, f"Also write OUT/{NPZ_NAME}.")
-  flags.DEFINE_bool("png", True, "Write one PNG per seed.")
-  flags.DEFINE_string("prompts", None, "Text-to-image: prompt file, one prompt per line (seed s "
-                      "takes line s; with --custom_seed the i-th seed takes line i).")
-  flags.DEFINE_bool("custom_seed", False, "Text-to-image: the seeds are only random seeds; "
-                    "prompts and file names use positions 0..N-1.")
-  flags.DEFINE_integer("steps", 1, "Text-to-image: generation steps k (t_i = floor(t_init "
-                       "(1 - i/k))).")
-  flags.DEFINE_integer("init_timestep", None, "Text-to-image: t_init (default: the "
-                       "generator's, 625 for SiD-LSG).")
-  flags.DEFINE_string("latents", None, "Text-to-image: .npy of latents [N, 4, h, w] (NCHW) or "
-                      "[N, h, w, 4], one per listed seed, instead of jax.random ones.")
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("workdir", None, "Distillation workdir (uses WORKDIR/generator).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("checkpoint", None, "Generator network checkpoint directory.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("seeds", "0-63", "Seeds, e.g. 0-49999 or 1,5,9.", flag_values=FLAGS)
+flags.DEFINE_string("outdir", None, "Where to write the images.", flag_values=FLAGS)
+flags.DEFINE_integer("class", None, "Class for every image (default: random per seed).",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("batch", None, f"Images per generator call (default {CLASS_BATCH}, "
+                     f"text-to-image {T2I_BATCH}); results do not depend on it.",
+                     flag_values=FLAGS)
+flags.DEFINE_bool("npz", False, f"Also write OUT/{NPZ_NAME}.", flag_values=FLAGS)
+flags.DEFINE_bool("png", True, "Write one PNG per seed.", flag_values=FLAGS)
+flags.DEFINE_string("prompts", None, "Text-to-image: prompt file, one prompt per line (seed s "
+                    "takes line s; with --custom_seed the i-th seed takes line i).",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("custom_seed", False, "Text-to-image: the seeds are only random seeds; "
+                  "prompts and file names use positions 0..N-1.", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 1, "Text-to-image: generation steps k (t_i = floor(t_init "
+                     "(1 - i/k))).", flag_values=FLAGS)
+flags.DEFINE_integer("init_timestep", None, "Text-to-image: t_init (default: the "
+                     "generator's, 625 for SiD-LSG).", flag_values=FLAGS)
+flags.DEFINE_string("latents", None, "Text-to-image: .npy of latents [N, 4, h, w] (NCHW) or "
+                    "[N, h, w, 4], one per listed seed, instead of jax.random ones.",
+                    flag_values=FLAGS)
 
 
 def _write_record(outdir: str, record: dict[str, Any]) -> None:
@@ -437,7 +241,7 @@ def run_text_to_image(directory: str, *, outdir: str, seeds: str, prompts: str |
   if not prompts:
     raise ValueError(f"--prompts is required: {directory!r} is a text-to-image (Stable "
                      "Diffusion) generator; give a prompt file, one prompt per line.")
-  t_init, t_origin = resolve_init_timestep(directory, spec, init_timestep)
+  t_init, t_origin = generators.resolve_init_timestep(directory, spec, init_timestep)
   if steps < 1:
     raise ValueError(f"--steps must be at least 1, got {steps}.")
   seed_list = parse_seeds(seeds)
@@ -448,7 +252,7 @@ def run_text_to_image(directory: str, *, outdir: str, seeds: str, prompts: str |
   if latents is not None and not os.path.isfile(latents):
     raise FileNotFoundError(f"--latents {latents!r}: no such file.")
 
-  gen = TextToImageGenerator(directory, init_timestep=t_init, steps=steps, mesh=mesh)
+  gen = generators.load(directory, mesh=mesh, init_timestep=t_init)
   z = None if latents is None else read_latents(latents, len(seed_list), gen.latent_shape)
   os.makedirs(outdir, exist_ok=True)
   sched = stable_diffusion.scheduler_settings(spec["kwargs"]["scheduler"])
@@ -458,7 +262,7 @@ def run_text_to_image(directory: str, *, outdir: str, seeds: str, prompts: str |
           os.path.join(directory, checkpoints.NETWORK_SPEC)),
       "kind": "text-to-image",
       "init_timestep": t_init, "init_timestep_from": t_origin,
-      "steps": steps, "timesteps": timesteps(t_init, steps),
+      "steps": steps, "timesteps": gen.timesteps(steps),
       "num_train_timesteps": sched["num_train_timesteps"],
       "prompts": os.path.abspath(prompts), "prompt_lines": len(lines),
       "seeds": seeds, "num_images": len(seed_list),
@@ -479,7 +283,8 @@ def run_text_to_image(directory: str, *, outdir: str, seeds: str, prompts: str |
   stream = None
   count, last_report = 0, time.time()
   try:
-    for start, x in gen(seed_list, prompt_list, z, batch or T2I_BATCH):
+    for start, x, _ in gen.batches(seed_list, prompt_list, steps, latents=z,
+                                   batch=batch or T2I_BATCH):
       u8 = images.to_uint8(x)
       if npz and stream is None:
         stream = NpzStream(os.path.join(outdir, NPZ_NAME), (len(seed_list),) + u8.shape[1:])
@@ -513,8 +318,10 @@ def run(*, outdir: str, seeds: str, workdir: str | None = None, checkpoint: str 
   class-conditional / unconditional one-step generator. `mesh` defaults to all devices.
   """
   directory = resolve_generator_dir(workdir, checkpoint)
+  if batch is not None and batch <= 0:
+    raise ValueError(f"--batch must be positive, got {batch}.")
   spec = checkpoints.load_network_spec(directory)
-  if is_text_to_image(spec):
+  if generators.is_text_to_image(spec):
     if class_idx is not None:
       raise ValueError(f"--class is for class-conditional generators; {directory!r} is a "
                        "text-to-image generator (use --prompts).")
@@ -529,10 +336,15 @@ def run(*, outdir: str, seeds: str, workdir: str | None = None, checkpoint: str 
     raise ValueError(f"{', '.join(given)}: text-to-image options, but {directory!r} is a "
                      f"{spec.get('class_name')!r} generator (class-conditional or "
                      "unconditional, one step).")
-  gen = Generator(directory, mesh)
   seed_list = parse_seeds(seeds)
-  x, labels = gen(seed_list, class_idx, batch or CLASS_BATCH)
-  u8 = images.to_uint8(x)
+  gen = generators.load(directory, mesh=mesh)
+  if class_idx is not None and not gen.label_dim:
+    raise ValueError("--class given, but this generator is unconditional.")
+  if class_idx is not None and not 0 <= class_idx < gen.label_dim:
+    raise ValueError(f"--class {class_idx} is out of range for label_dim={gen.label_dim}.")
+  parts = list(gen.batches(seed_list, class_idx, batch=batch or CLASS_BATCH))
+  u8 = images.to_uint8(np.concatenate([x for _, x, _ in parts]))
+  labels = np.concatenate([l for _, _, l in parts])
   os.makedirs(outdir, exist_ok=True)
   if png:
     for seed, img in zip(seed_list, u8):
@@ -544,17 +356,22 @@ def run(*, outdir: str, seeds: str, workdir: str | None = None, checkpoint: str 
   return outdir
 
 
-def main(argv):
-  del argv
-  f = flags.FLAGS
+def execute(args: list[str]) -> str:
+  """Runs the command with the parsed FLAGS; returns the output directory."""
+  if len(args) > 1:
+    raise ValueError(f"Unexpected arguments {args[1:]}.")
+  f = FLAGS
   if not f.outdir:
-    raise app.UsageError("--outdir is required.")
-  run(outdir=f.outdir, seeds=f.seeds, workdir=f.workdir, checkpoint=f.checkpoint,
-      class_idx=f["class"].value, batch=f.batch, npz=f.npz, png=f.png, prompts=f.prompts,
-      custom_seed=f.custom_seed, steps=f.steps, init_timestep=f.init_timestep,
-      latents=f.latents)
+    raise ValueError("--outdir is required.")
+  return run(outdir=f.outdir, seeds=f.seeds, workdir=f.workdir, checkpoint=f.checkpoint,
+             class_idx=f["class"].value, batch=f.batch, npz=f.npz, png=f.png, prompts=f.prompts,
+             custom_seed=f.custom_seed, steps=f.steps, init_timestep=f.init_timestep,
+             latents=f.latents)
+
+
+def main(argv: list[str]) -> None:
+  cli.report_errors("sid_jax.sample", lambda: execute(argv))
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parser(FLAGS, __doc__))

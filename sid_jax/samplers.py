@@ -8,7 +8,7 @@ it is the stochastic variant: before each step with S_min <= t <= S_max the nois
 by gamma = min(S_churn / N, sqrt(2) - 1) and fresh noise of the matching variance is added.
 `edm2_sampler` is the same algorithm with EDM2's defaults (32 steps, schedule in float32) and its
 optional guidance D = D_guide + w (D - D_guide) by a second denoiser (CFG or autoguidance).
-`one_step_sampler` is the distilled generator, x = G(sigma_init z; sigma_init, c).
+(The distilled generator itself is `generators.StepGenerator`.)
 
 Every sampler takes a denoiser (the `denoisers.Denoiser` interface), its parameters, standard-normal
 latents [B, H, W, C] and optional labels, and is a pure function that can be wrapped in `jax.jit`
@@ -37,8 +37,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-
-from sid_jax import denoisers
 
 Array = jax.Array
 
@@ -200,9 +198,3 @@ def edm2_sampler(denoiser: Callable, params: Any, latents: Array, labels: Array 
                       S_min=S_min, S_max=S_max, S_noise=S_noise, key=key, guide=guide,
                       guide_params=guide_params, guidance=guidance,
                       schedule_dtype=np.float32, unroll=unroll)
-
-
-def one_step_sampler(generator: Callable, params: Any, latents: Array,
-                     labels: Array | None = None, *, sigma_init: float = 2.5) -> Array:
-  """The distilled generator: x = G(sigma_init * z; sigma_init, labels), one evaluation."""
-  return denoisers.generate_one_step(generator, params, latents, sigma_init, labels)

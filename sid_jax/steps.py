@@ -6,6 +6,11 @@ inside the step with its *global* shape from `fold_in(key, step)`, so the number
 on how many devices share the batch. A global batch is processed as `num_micro` micro-batches
 under `lax.scan` (gradient accumulation); each micro-batch's loss is already normalised by the
 global batch, so the accumulated gradient is the official one.
+
+The step is given what varies between methods, as values in `SiDSetup`: the two losses (which
+draw their own noise levels), the one-step generator, the denoisers, an optional parameter
+projection (EDM2's forced weight normalisation) and batch-fed conditions. SiD, SiD-LSG and
+SiDA are configurations of these steps, not branches in them; this module imports no network.
 """
 
 from __future__ import annotations
@@ -20,8 +25,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
-from sid_jax import denoisers, losses
-from sid_jax.nets import edm2
+from sid_jax import denoisers
 
 Array = jax.Array
 
@@ -39,24 +43,10 @@ class SiDState:
 
 @dataclasses.dataclass(frozen=True)
 class SiDHyper:
-  """The method's hyper-parameters (spec §8 'common to all')."""
-  alpha: float = 1.2
-  sigma_init: float = 2.5
-  tmax: float = 800.0
-  sigma_min: float = 0.002
-  sigma_max: float = 80.0
-  rho: float = 7.0
-  p_mean: float = -1.2
-  p_std: float = 1.2
-  sigma_data: float = 0.5
-  gen_loss_scale: float = 100.0
-  fake_loss_scale: float = 1.0
-  use_logvar: bool = False
+  """The step's own settings: the EMA and classifier-free guidance. (The losses' settings, the
+  noise levels among them, live in the loss objects; sigma_init in the generator.)"""
   ema_halflife_kimg: float = 500.0
   ema_rampup: float | None = 0.05
-  # EDM2 forced weight normalisation (spec §7.2): project every MPConv weight to normalize(w)
-  # before the network's training forward (SiD-EDM2: generator and fake score).
-  force_normalization: bool = False
   # SiD-LSG's long and short classifier-free guidance (lsg_spec §3): kappa_1 in the fake score's
   # own loss, kappa_2 (= kappa_3) for the fake score and kappa_4 for the teacher inside the
   # generator loss. All 1 = no guidance (no unconditional pass at all).
@@ -91,37 +81,42 @@ class Conditioning:
 
 @dataclasses.dataclass(frozen=True)
 class SiDSetup:
-  """Everything static about a distillation run: networks, shapes, optimisers, layout."""
+  """Everything static about a distillation run: networks, losses, shapes, optimisers, layout.
+
+  teacher: D(frozen, x, sigma, cond) -- the frozen teacher denoiser (frozen = the step's
+    constant argument).
+  fake_score: D(psi, x, sigma, cond, *, train, rng, **kw) -- the fake score network.
+  generate: (theta, z, cond, *, train, rng) -> x_g -- the one-step generator
+    (`generators.one_step`).
+  fake_loss: a loss with `draw(key, shape)` and `(fake, y, cond, d, *, batch_size,
+    aug_labels)` (`losses.DSMLoss`).
+  generator_loss: a loss with `draw(key, shape)` and `(teacher, fake, x_g, cond, d, *,
+    batch_size)` (`losses.SiDGeneratorLoss`).
+  project: params -> params applied before each update's forward pass (EDM2's forced weight
+    normalisation); the projected weights are what the optimiser then updates, like the
+    official in-place renormalisation. None = no projection.
+  """
   teacher: Callable
-  generator: Callable
   fake_score: Callable
+  generate: Callable
+  fake_loss: Any
+  generator_loss: Any
   image_shape: tuple[int, int, int]  # H, W, C
   label_dim: int
   global_batch: int
   micro_batch: int
-  hyper: SiDHyper
   generator_tx: optax.GradientTransformation
   fake_tx: optax.GradientTransformation
+  hyper: SiDHyper = SiDHyper()
+  project: Callable | None = None
   # Layout of per-sample draws [num_micro, micro_batch, ...]; None outside a mesh.
   draw_sharding: NamedSharding | None = None
   # Optional augmentation of generator samples in the fake-score loss: (key, x) -> (y, aug_labels).
   augment: Callable | None = None
   # Unroll the micro-batch loop (fast on CPU; on TPU/GPU a rolled loop keeps compile time flat).
   unroll_micro: bool = False
-  # Which noise levels the two losses draw (losses.EDMNoiseLevels / DiscreteNoiseLevels);
-  # None = EDM's, from `hyper`.
-  levels: Any = None
   # Conditions that come with the batch (text prompts) instead of being drawn in the step.
   conditioning: Conditioning | None = None
-
-  @property
-  def noise_levels(self):
-    if self.levels is not None:
-      return self.levels
-    h = self.hyper
-    return losses.EDMNoiseLevels(p_mean=h.p_mean, p_std=h.p_std, sigma_data=h.sigma_data,
-                                 tmax=h.tmax, sigma_min=h.sigma_min, sigma_max=h.sigma_max,
-                                 rho=h.rho)
 
   @property
   def num_micro(self) -> int:
@@ -159,9 +154,9 @@ def draw_labels(setup: SiDSetup, key: Array, shape: tuple[int, ...]) -> Array | 
   return jax.nn.one_hot(idx, setup.label_dim, dtype=jnp.float32)
 
 
-def _draws(setup: SiDSetup, key: Array, per_sample: str, raw_cond: Array | None = None,
+def _draws(setup: SiDSetup, key: Array, loss, raw_cond: Array | None = None,
            dropout: float = 0.0) -> dict[str, Array]:
-  """z, labels, per-sample scalar ('u' uniform or 'rn' normal) and noise for every micro-batch.
+  """z, labels, the loss's own draws (`loss.draw`: noise levels) and noise for every micro-batch.
 
   With `setup.conditioning`, the batch's raw conditions `raw_cond` [num_micro, micro, ...] take
   the place of drawn labels, and `dropout` > 0 adds a Bernoulli mask 'drop' (condition replaced
@@ -173,8 +168,7 @@ def _draws(setup: SiDSetup, key: Array, per_sample: str, raw_cond: Array | None 
   out = {
       "z": jax.random.normal(kz, img, jnp.float32),
       "noise": jax.random.normal(kn, img, jnp.float32),
-      per_sample: (jax.random.uniform(ks, lead, jnp.float32)
-                   if per_sample == "u" else jax.random.normal(ks, lead, jnp.float32)),
+      **loss.draw(ks, lead),
   }
   if setup.conditioning is not None:
     if raw_cond is None:
@@ -239,17 +233,8 @@ def _accumulate(loss_fn, params, draws: dict[str, Array], num_micro: int, unroll
   return loss, grads, valid
 
 
-def _generate(setup: SiDSetup, params, z: Array, labels, *, train=False, rng=None) -> Array:
-  sigma = setup.hyper.sigma_init
-  return setup.generator(params, sigma * z, jnp.full((z.shape[0],), sigma, jnp.float32), labels,
-                         train=train, rng=rng)
-
-
-def _maybe_project(setup: SiDSetup, params):
-  """The weights a training forward sees: projected onto the unit sphere under EDM2's forced
-  weight normalisation (the projected weights are also what the optimiser then updates, like the
-  official in-place renormalisation), unchanged otherwise."""
-  return edm2.project_mpconv_weights(params) if setup.hyper.force_normalization else params
+def _project(setup: SiDSetup, params):
+  return params if setup.project is None else setup.project(params)
 
 
 def _apply_updates(tx, params, opt_state, grads):
@@ -264,30 +249,27 @@ def _apply_updates(tx, params, opt_state, grads):
 
 def fake_score_step(setup: SiDSetup, state: SiDState, key: Array, frozen=None,
                     batch: dict[str, Array] | None = None):
-  """One psi update with denoising score matching on (stop-gradient) generator samples (spec §2;
+  """One psi update of `setup.fake_loss` on (stop-gradient) generator samples (spec §2;
   lsg_spec §4.2: the epsilon loss of the kappa_1-guided fake score, with prompt dropout)."""
-  h, levels = setup.hyper, setup.noise_levels
+  h = setup.hyper
   k_draw, k_drop, k_aug = jax.random.split(key, 3)
-  draws = _draws(setup, k_draw, levels.fake_draw, (batch or {}).get("fake"),
+  draws = _draws(setup, k_draw, setup.fake_loss, (batch or {}).get("fake"),
                  h.effective_cond_dropout)
   uncond = _uncond(setup, frozen)
 
   def loss_fn(psi, d, index):
     labels = _conditions(setup, frozen, d, uncond)
-    x_g = jax.lax.stop_gradient(_generate(setup, state.generator, d["z"], labels))
+    x_g = jax.lax.stop_gradient(setup.generate(state.generator, d["z"], labels))
     aug_labels = None
     if setup.augment is not None:
       x_g, aug_labels = setup.augment(jax.random.fold_in(k_aug, index), x_g)
     rng = jax.random.fold_in(k_drop, index)
-    fake = functools.partial(setup.fake_score, psi, train=True, rng=rng,
-                             **({"return_logvar": True} if h.use_logvar else {}))
-    fake = denoisers.guided(fake, h.cfg_fake_train, uncond)
-    sigma, weight = levels.fake(d[levels.fake_draw])
-    return losses.dsm_loss(fake, x_g, labels, sigma, weight, d["noise"],
-                           loss_scale=h.fake_loss_scale, batch_size=setup.global_batch,
-                           aug_labels=aug_labels, use_logvar=h.use_logvar)
+    fake = denoisers.guided(functools.partial(setup.fake_score, psi, train=True, rng=rng),
+                            h.cfg_fake_train, uncond)
+    return setup.fake_loss(fake, x_g, labels, d, batch_size=setup.global_batch,
+                           aug_labels=aug_labels)
 
-  psi = _maybe_project(setup, state.fake_score)
+  psi = _project(setup, state.fake_score)
   loss, grads, valid = _accumulate(loss_fn, psi, draws, setup.num_micro, setup.unroll_micro)
   grad_norm = optax.tree.norm(grads)
   params, opt_state = _apply_updates(setup.fake_tx, psi, state.fake_opt, grads)
@@ -302,27 +284,24 @@ def fake_score_step(setup: SiDSetup, state: SiDState, key: Array, frozen=None,
 
 def generator_step(setup: SiDSetup, state: SiDState, teacher_params, key: Array,
                    batch: dict[str, Array] | None = None):
-  """One theta update with the SiD generator loss (spec §3, lsg_spec §4.3 with the kappa_4-guided
+  """One theta update of `setup.generator_loss` (spec §3, lsg_spec §4.3 with the kappa_4-guided
   teacher and kappa_2-guided fake score); G in train mode, psi frozen."""
-  h, levels = setup.hyper, setup.noise_levels
+  h = setup.hyper
   k_draw, k_drop = jax.random.split(key)
-  draws = _draws(setup, k_draw, levels.gen_draw, (batch or {}).get("gen"))
+  draws = _draws(setup, k_draw, setup.generator_loss, (batch or {}).get("gen"))
   uncond = _uncond(setup, teacher_params)
   teacher = denoisers.guided(functools.partial(setup.teacher, teacher_params), h.cfg_teacher,
                              uncond)
-  fake_kwargs = {"return_logvar": True} if h.use_logvar else {}
-  fake = denoisers.guided(functools.partial(setup.fake_score, state.fake_score, **fake_kwargs),
-                          h.cfg_fake_eval, uncond)
+  fake = denoisers.guided(functools.partial(setup.fake_score, state.fake_score), h.cfg_fake_eval,
+                          uncond)
 
   def loss_fn(theta, d, index):
     labels = _conditions(setup, teacher_params, d, uncond)
     rng = jax.random.fold_in(k_drop, index)
-    x_g = _generate(setup, theta, d["z"], labels, train=True, rng=rng)
-    return losses.sid_generator_loss(
-        teacher, fake, x_g, labels, levels.gen(d[levels.gen_draw]), d["noise"], alpha=h.alpha,
-        loss_scale=h.gen_loss_scale, batch_size=setup.global_batch, use_logvar=h.use_logvar)
+    x_g = setup.generate(theta, d["z"], labels, train=True, rng=rng)
+    return setup.generator_loss(teacher, fake, x_g, labels, d, batch_size=setup.global_batch)
 
-  theta = _maybe_project(setup, state.generator)
+  theta = _project(setup, state.generator)
   loss, grads, valid = _accumulate(loss_fn, theta, draws, setup.num_micro, setup.unroll_micro)
   grad_norm = optax.tree.norm(grads)
   params, opt_state = _apply_updates(setup.generator_tx, theta, state.generator_opt, grads)
@@ -380,8 +359,3 @@ def train_step(setup: SiDSetup, state: SiDState, teacher_params, base_key: Array
   state = state.replace(step=state.step + 1, nonfinite_streak=streak)
   metrics["nonfinite_streak"] = streak
   return state, metrics
-
-
-def sample_generator(setup: SiDSetup, params, z: Array, labels: Array | None) -> Array:
-  """One-step samples x = G(sigma_init z; sigma_init, labels) in eval mode."""
-  return _generate(setup, params, z, labels)

@@ -57,15 +57,14 @@ def teacher_step(denoiser, tx, config, data_x, data_y, state: TeacherState, key)
   y = data_x[idx]
   labels = (jax.nn.one_hot(data_y[idx], config.data.label_dim)
             if config.data.label_dim else None)
-  rn = jax.random.normal(k_rn, (b,))
-  noise = jax.random.normal(k_n, y.shape)
+  # EDM's training loss: the DSM loss the fake score network is trained with in SiD.
+  dsm = losses.DSMLoss(levels=losses.LognormalLevels(p_mean=tt.p_mean, p_std=tt.p_std),
+                       weight=losses.EDMWeight(config.sid.sigma_data))
+  draws = dict(dsm.draw(k_rn, (b,)), noise=jax.random.normal(k_n, y.shape))
 
   def loss_fn(params):
     fn = functools.partial(denoiser, params, train=True, rng=k_drop)
-    levels = losses.EDMNoiseLevels(p_mean=tt.p_mean, p_std=tt.p_std,
-                                   sigma_data=config.sid.sigma_data)
-    sigma, weight = levels.fake(rn)
-    return losses.dsm_loss(fn, y, labels, sigma, weight, noise, loss_scale=1.0, batch_size=b)
+    return dsm(fn, y, labels, draws, batch_size=b)
 
   (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt = tx.update(grads, state.opt, state.params)

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 
 from sid_jax import checkpoints, models, train, train_teacher
+from sid_jax import run as run_lib
 from sid_jax.data import digits as digits_data
 from sid_jax.evaluation import digits as digits_eval
 from tests import configs_util
@@ -52,7 +53,7 @@ def test_teacher_training_tiny_exports_a_usable_teacher(tmp_path):
   spec = checkpoints.load_network_spec(summary["export_dir"])
   assert spec["trained_with"]["steps"] == 4
   sid = configs_util.load("digits_sid.py", "tiny", **{"teacher.checkpoint": summary["export_dir"]})
-  run = train.build_run(sid, ONE_DEVICE)
+  run = run_lib.build_run(sid, ONE_DEVICE)
   assert run.teacher.spec["kwargs"]["model_channels"] == 16
   # Resuming a finished teacher run does nothing more.
   again = train_teacher.train_teacher(config, str(tmp_path), devices=ONE_DEVICE)

@@ -10,11 +10,13 @@ from sid_jax import denoisers, losses
 SIGMA_DATA = 0.5
 W, W_D = 0.9, 1.5
 SID_RAMP = dict(tmax=800.0, sigma_min=0.002, sigma_max=80.0, rho=7.0)
-LEVELS = losses.EDMNoiseLevels(sigma_data=SIGMA_DATA, **SID_RAMP)
+LEVELS = losses.TmaxLevels(**SID_RAMP)
 
 
 def _fake_levels(rn, p_mean=-1.2, p_std=1.2):
-  return losses.EDMNoiseLevels(p_mean=p_mean, p_std=p_std, sigma_data=SIGMA_DATA).fake(rn)
+  """(sigma, weight) of the fake score's loss for the spec's fixed normal draws rn."""
+  sigma = losses.LognormalLevels(p_mean=p_mean, p_std=p_std).sigma(rn)
+  return sigma, losses.EDMWeight(SIGMA_DATA)(sigma)
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +72,7 @@ def test_sigma_ramp_reference_points():
 ])
 def test_sid_generator_loss_reference(use_logvar, alpha, value, grad_sum, grad_sq):
   x, eps, u, _ = _arrays()
-  sig = LEVELS.gen(u)
+  sig = LEVELS.sigma(u)
 
   def f(x):
     loss, _ = losses.sid_generator_loss(teacher, make_fake(W, use_logvar), x, None, sig, eps,
@@ -106,7 +108,7 @@ def test_dsm_loss_reference(use_logvar, p_mean, p_std, value, grad_w):
 def test_float32_matches_reference_loosely():
   """The same loss in float32 lands within the spec's float32 tolerance (1e-4)."""
   x, eps, u, _ = (a.astype(jnp.float32) for a in _arrays())
-  sig = LEVELS.gen(u)
+  sig = LEVELS.sigma(u)
   loss, _ = losses.sid_generator_loss(teacher, make_fake(jnp.float32(W)), x, None, sig, eps,
                                       alpha=1.2, loss_scale=100.0, batch_size=2)
   assert loss.dtype == jnp.float32
@@ -116,7 +118,7 @@ def test_float32_matches_reference_loosely():
 def test_generator_gradient_flows_through_both_denoisers_inputs():
   """Detaching y_r / y_f (a common porting mistake) changes the gradient the reference fixes."""
   x, eps, u, _ = _arrays()
-  sig = LEVELS.gen(u)
+  sig = LEVELS.sigma(u)
   kw = dict(alpha=1.2, loss_scale=100.0, batch_size=2)
 
   def full(x):
@@ -133,7 +135,7 @@ def test_generator_gradient_flows_through_both_denoisers_inputs():
 def test_nan_sample_is_masked_with_global_normaliser():
   """A sample whose teacher output is NaN contributes 0; the other keeps its value / B_global."""
   x, eps, u, _ = _arrays()
-  sig = LEVELS.gen(u)
+  sig = LEVELS.sigma(u)
   kw = dict(alpha=1.2, loss_scale=100.0, batch_size=2)
 
   def bad_teacher(x, sigma, labels=None):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from sid_jax import denoisers, losses, lsg, optim, steps
+from sid_jax import denoisers, generators, losses, optim, steps
 from sid_jax.models import stable_diffusion
 from sid_jax.convert import clip_params, sd_unet_params
 
@@ -103,17 +103,18 @@ def test_schedule_reference_values():
 
 def test_noise_levels_are_integer_steps_in_range():
   sig = denoisers.ddpm_sigmas(denoisers.ddpm_alphas_cumprod())
-  levels = losses.DiscreteNoiseLevels(tuple(sig), t_min=20, t_max=980)
+  levels = losses.DiscreteLevels(tuple(sig), t_min=20, t_max=980)
   u = jnp.asarray([0.0, 0.5, 0.999999, 1.0 - 2**-24])
   t = levels.timestep(u)
   np.testing.assert_array_equal(t, [20, 500, 979, 979])
-  sigma, weight = levels.fake(u)
+  sigma = levels.sigma(u)
+  weight = losses.EpsWeight()(sigma)
   np.testing.assert_array_equal(sigma, sig[[20, 500, 979, 979]])
   np.testing.assert_allclose(weight, 1 / sig[[20, 500, 979, 979]]**2, rtol=1e-6)
   draws = levels.timestep(jax.random.uniform(jax.random.key(0), (20000,)))
   assert int(draws.min()) == 20 and int(draws.max()) == 979
   with pytest.raises(ValueError, match="t_min"):
-    losses.DiscreteNoiseLevels(tuple(sig), t_min=500, t_max=400)
+    losses.DiscreteLevels(tuple(sig), t_min=500, t_max=400)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +180,8 @@ def test_generator_is_sigma_init_times_z_minus_eps(tiny):
     x_in = s * z  # add_noise(0, z, 625)
     eps = _torch_eps(tiny["unets"][2], x_in, np.full(B, 625), tiny["emb_t"])
     ref = (x_in - s * eps) / a
-  ours = lsg.generate_latents(sd.denoiser, tiny["flax"][2], nhwc_emb(tiny["emb_t"]), nhwc(z), 625)
+  one_step = generators.one_step(sd.denoiser, sd.denoiser.sigma_at(625))
+  ours = one_step(tiny["flax"][2], nhwc(z), nhwc_emb(tiny["emb_t"]))
   assert float(jnp.max(jnp.abs(ours - nhwc(ref)))) < 1e-4
   sigma = sd.denoiser.sigma_at(625)
   np.testing.assert_allclose(np.asarray(nhwc(ref)), np.asarray(sigma * (nhwc(z) - nhwc(eps))),

@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from sid_jax import checkpoints, steps, train
+from sid_jax import checkpoints, generators, steps, train
+from sid_jax import run as run_lib
 from sid_jax.models import stable_diffusion
 from tests import configs_util
 
@@ -17,7 +18,7 @@ ONE_DEVICE = jax.devices()[:1]  # compiles faster; the steps' sharding is tested
 
 
 def _restore(workdir, step, config):
-  run = train.build_run(config, ONE_DEVICE)
+  run = run_lib.build_run(config, ONE_DEVICE)
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=10)
   abstract = jax.eval_shape(lambda p: steps.init_state(run.setup, p, p), run.init_params)
   abstract = {"state": abstract, "rng": jax.ShapeDtypeStruct((2,), np.uint32)}
@@ -53,7 +54,7 @@ def test_tiny_lsg_run_trains_checkpoints_and_resumes(tmp_path):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
   # Training moved the generator's EMA away from the teacher's UNet.
-  teacher = train.build_run(config, ONE_DEVICE).init_params
+  teacher = run_lib.build_run(config, ONE_DEVICE).init_params
   moved = [float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
            for x, y in zip(jax.tree.leaves(b["state"].generator_ema), jax.tree.leaves(teacher))]
   assert max(moved) > 0
@@ -99,7 +100,7 @@ def test_bad_lsg_settings_fail_before_building():
     configs_util.load("sd15_lsg.py", "kappa=2.5")
   config = configs_util.load("sd15_lsg.py", "kappa=2")
   with pytest.raises(FileNotFoundError, match="convert sd"):
-    train.build_run(config)
+    run_lib.build_run(config)
   for override, pattern in [({"lsg.cfg_teacher": 0.0}, "config.lsg.cfg_teacher"),
                             ({"lsg.compute_dtype": "float16"}, "config.lsg.compute_dtype"),
                             ({"lsg.prompts": "/nonexistent.txt"}, "config.lsg.prompts"),
@@ -107,7 +108,7 @@ def test_bad_lsg_settings_fail_before_building():
                             ({"eval.kind": "fid"}, "config.eval.kind")]:
     bad = configs_util.load("sd15_lsg.py", "kappa=2,tiny", **override)
     with pytest.raises((ValueError, FileNotFoundError), match=pattern):
-      train.build_run(bad)
+      run_lib.build_run(bad)
 
 
 def test_bfloat16_switch_keeps_float32_master_weights():
@@ -115,8 +116,8 @@ def test_bfloat16_switch_keeps_float32_master_weights():
   stays float32 and the losses are float32 (traced only, nothing is compiled)."""
   config = configs_util.load("sd15_lsg.py", "kappa=2,tiny",
                              **{"lsg.compute_dtype": "bfloat16"})
-  run = train.build_run(config, ONE_DEVICE)
-  assert run.lsg.sd.unet.dtype == jax.numpy.bfloat16
+  run = run_lib.build_run(config, ONE_DEVICE)
+  assert run.generator.sd.unet.dtype == jax.numpy.bfloat16
   state = jax.eval_shape(lambda p: steps.init_state(run.setup, p, p), run.init_params)
   out_state, metrics = jax.eval_shape(
       lambda s, f, b: steps.train_step(run.setup, s, f, jax.random.key(0), b), state,
@@ -152,13 +153,15 @@ def test_full_size_sd21base_iteration_traces():
   assert counts == {"unet": 865_910_724, "text_encoder": 340_387_840, "vae": 83_653_863}
   den = sd.denoiser
   adam = optim.adam(1e-6, 0.0, 0.999, 1e-8)
+  levels = losses.DiscreteLevels(tuple(float(x) for x in den.sigmas))
   setup = steps.SiDSetup(
-      teacher=lambda fz, *a, **k: den(fz["unet"], *a, **k), generator=den, fake_score=den,
+      teacher=lambda fz, *a, **k: den(fz["unet"], *a, **k), fake_score=den,
+      generate=generators.one_step(den, den.sigma_at(625)),
+      fake_loss=losses.DSMLoss(levels=levels, weight=losses.EpsWeight()),
+      generator_loss=losses.SiDGeneratorLoss(levels=levels, alpha=1.0, loss_scale=1.0),
       image_shape=sd.latent_shape, label_dim=0, global_batch=2, micro_batch=2,
-      hyper=steps.SiDHyper(alpha=1.0, sigma_init=den.sigma_at(625), cfg_fake_train=2.0,
-                           cfg_fake_eval=2.0, cfg_teacher=2.0),
+      hyper=steps.SiDHyper(cfg_fake_train=2.0, cfg_fake_eval=2.0, cfg_teacher=2.0),
       generator_tx=adam, fake_tx=adam,
-      levels=losses.DiscreteNoiseLevels(tuple(float(x) for x in den.sigmas)),
       conditioning=steps.Conditioning(
           encode=lambda fz, ids: sd.encode_text(fz["text_encoder"], ids),
           uncond=lambda fz: fz["uncond"]))

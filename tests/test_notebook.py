@@ -28,13 +28,12 @@ def test_notebook_executes_and_shows_a_grid():
 
 
 def test_text_to_image_notebook_samples_a_generator(tmp_path):
-  """notebooks/sample_text_to_image.ipynb on a tiny SD-shaped generator, through the same path
-  as `python -m sid_jax.sample --prompts` (images equal the library sampler's)."""
-  import jax  # pylint: disable=g-import-not-at-top
+  """notebooks/sample_text_to_image.ipynb on a tiny SD-shaped generator with 2 steps: each seed
+  gives exactly the image `python -m sid_jax.sample --prompts ... --steps 2` writes for it."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  # pylint: disable-next=g-import-not-at-top
-  from sid_jax import images as images_lib, lsg
-  from sid_jax.models import stable_diffusion
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from sid_jax import sample  # pylint: disable=g-import-not-at-top
+  from sid_jax.models import stable_diffusion  # pylint: disable=g-import-not-at-top
   spec = stable_diffusion.tiny_spec()
   sd = stable_diffusion.build(spec, stable_diffusion.tiny_tokenizer_dir(spec))
   params = stable_diffusion.random_params(sd, 3)
@@ -48,6 +47,8 @@ def test_text_to_image_notebook_samples_a_generator(tmp_path):
   assert params_cell.source.startswith('CHECKPOINT = ""')
   params_cell.source = params_cell.source.replace('CHECKPOINT = ""',
                                                   f"CHECKPOINT = {checkpoint!r}")
+  assert "STEPS = 1" in params_cell.source
+  params_cell.source = params_cell.source.replace("STEPS = 1", "STEPS = 2")
   nb.cells.append(nbformat.v4.new_code_cell(
       f"np.save({str(tmp_path / 'pictures.npy')!r}, pictures)"))
   client = NotebookClient(nb, timeout=600, kernel_name="python3",
@@ -61,12 +62,18 @@ def test_text_to_image_notebook_samples_a_generator(tmp_path):
       shown += "image/png" in out.get("data", {})
   text = "".join(texts)
   assert "Loaded a Stable Diffusion generator (t_init = 625)" in text and shown == 1
-  assert "images (2, 16, 16, 3) for seeds [0, 1]" in text
+  assert "images (2, 16, 16, 3) for seeds [0, 1], timesteps [625, 312]" in text
 
   prompts = ["a photo of a red fox in the snow", "an oil painting of a lighthouse at dusk"]
-  z = np.stack([np.asarray(jax.random.normal(jax.random.key(s), sd.latent_shape))
-                for s in (0, 1)])
-  ref = lsg.make_image_sampler(sd, 625)(params["unet"], params["text_encoder"], params["vae"], z,
-                                        sd.tokenize(prompts), jax.random.key(0))
-  np.testing.assert_array_equal(np.load(tmp_path / "pictures.npy"),
-                                images_lib.to_uint8(np.asarray(ref)))
+  prompt_file = tmp_path / "prompts.txt"
+  prompt_file.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+  out = sample.run(outdir=str(tmp_path / "cli"), seeds="0-1", checkpoint=checkpoint,
+                   prompts=str(prompt_file), steps=2)
+  pictures = np.load(tmp_path / "pictures.npy")
+  for seed in (0, 1):
+    np.testing.assert_array_equal(
+        pictures[seed], np.asarray(Image.open(os.path.join(out, f"{seed:06d}.png"))))
+  # The second step matters: the one-step images differ.
+  one_step = sample.run(outdir=str(tmp_path / "cli1"), seeds="0-1", checkpoint=checkpoint,
+                        prompts=str(prompt_file))
+  assert np.any(pictures[0] != np.asarray(Image.open(os.path.join(one_step, "000000.png"))))

@@ -3,7 +3,7 @@
 For every dataset of configs/sid_edm.py and every size of configs/sid_edm2.py:
 * the real variant holds the values of the spec's tables (written out again here, not imported
   from the config files);
-* the real variant without a converted teacher stops in `train.build_run` with a message that
+* the real variant without a converted teacher stops in `run.build_run` with a message that
   names config.teacher.checkpoint and the official pickle to convert;
 * the tiny variant keeps the method settings, builds on one device with a random teacher and its
   SiD iteration lowers (tracing only; compiling is left to the two end-to-end runs);
@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 
 from sid_jax import checkpoints, models, sharding, steps, train
+from sid_jax import run as run_lib
+from sid_jax.nets import edm2
 from tests import configs_util
 
 ONE_DEVICE = jax.devices()[:1]
@@ -156,8 +158,8 @@ def test_real_variant_has_the_papers_values(name, arg):
   assert 1 <= c.log.every_steps <= c.checkpoint.every_steps
   assert c.checkpoint.every_steps * t.global_batch <= 1_000_000
   # Valid on the official 4 GPUs and on 8 devices.
-  train.check_config(c, 4)
-  train.check_config(c, 8)
+  run_lib.check_config(c, 4)
+  run_lib.check_config(c, 8)
 
 
 @pytest.mark.parametrize("name,arg", VARIANTS, ids=IDS)
@@ -165,7 +167,7 @@ def test_real_variant_without_teacher_names_checkpoint_and_pickle(name, arg):
   c = configs_util.load(name, arg)
   e = _expected(name, arg)
   with pytest.raises(ValueError) as info:
-    train.build_run(c, ONE_DEVICE)
+    run_lib.build_run(c, ONE_DEVICE)
   message = str(info.value)
   assert "config.teacher.checkpoint" in message
   assert e["pkl"] in message
@@ -173,7 +175,7 @@ def test_real_variant_without_teacher_names_checkpoint_and_pickle(name, arg):
   c.teacher.checkpoint = "/nonexistent/teacher"
   pattern = r"config\.teacher\.checkpoint=.*" + re.escape(e["pkl"])
   with pytest.raises(FileNotFoundError, match=pattern):
-    train.build_run(c, ONE_DEVICE)
+    run_lib.build_run(c, ONE_DEVICE)
 
 
 def test_unknown_config_arguments_are_reported():
@@ -215,7 +217,7 @@ def _config_key(config) -> str:
 
 
 def _lower_iteration(run):
-  """jit(train_step).lower(...) exactly as train.compile_train_step builds it, without compiling."""
+  """jit(train_step).lower(...) exactly as run.compile_train_step builds it, without compiling."""
   key = _config_key(run.config)
   if key not in _LOWERED:
     _LOWERED[key] = _lower_uncached(run)
@@ -248,21 +250,22 @@ def test_tiny_variant_keeps_the_method(name, arg):
   assert c.teacher.type == "random" and c.data.resolution == 8
   assert c.data.label_dim == min(real.data.label_dim, 10)
   assert c.training.num_steps <= 3
-  train.check_config(c, 8)
+  run_lib.check_config(c, 8)
 
 
 @pytest.mark.parametrize("name,arg", LOWERED, ids=[a.split("=")[1] for _, a in LOWERED])
 def test_tiny_variant_builds_and_its_iteration_lowers(name, arg):
   real = configs_util.load(name, arg)
   c = configs_util.load(name, arg + ",tiny")
-  run = train.build_run(c, ONE_DEVICE)
+  run = run_lib.build_run(c, ONE_DEVICE)
   assert run.teacher.info["type"] == "random" and len(run.teacher.info["sha256"]) == 64
   assert run.student_spec == run.teacher.spec  # init_from='teacher': G and psi copy the teacher
   assert run.init_params is run.teacher.params
   assert run.teacher.spec["class_name"] == real.model.class_name
   assert (run.setup.augment is not None) == (real.sid.augment_p > 0)
-  assert run.setup.hyper.use_logvar is real.sid.use_logvar
-  assert run.setup.hyper.alpha == real.sid.alpha and run.setup.hyper.p_mean == real.sid.p_mean
+  gen_loss, fake_loss = run.setup.generator_loss, run.setup.fake_loss
+  assert gen_loss.use_logvar is fake_loss.use_logvar is real.sid.use_logvar
+  assert gen_loss.alpha == real.sid.alpha and fake_loss.levels.p_mean == real.sid.p_mean
   if real.sid.use_logvar:
     assert run.teacher.denoiser.module.logvar_channels  # the fake score has the logvar head
 
@@ -297,11 +300,12 @@ def _max_abs_diff(a, b):
 @pytest.mark.parametrize("name,arg", END_TO_END, ids=["cifar10_cond_augment", "edm2_xs_logvar"])
 def test_tiny_job_end_to_end(name, arg, tmp_path):
   c = configs_util.load(name, arg + ",tiny")
-  run = train.build_run(c, ONE_DEVICE)
+  run = run_lib.build_run(c, ONE_DEVICE)
   if name == "sid_edm.py":
     assert run.setup.augment is not None and run.teacher.denoiser.module.augment_dim == 9
   else:
-    assert run.setup.hyper.use_logvar and run.setup.hyper.force_normalization
+    assert run.setup.generator_loss.use_logvar and run.setup.fake_loss.use_logvar
+    assert run.setup.project is edm2.project_mpconv_weights
     assert run.teacher.denoiser.module.logvar_channels
   summary = train.distill(c, str(tmp_path), devices=ONE_DEVICE)
   steps_n = c.training.num_steps

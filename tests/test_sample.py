@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from sid_jax import checkpoints, models, sample, sharding
+from sid_jax import checkpoints, generators, models, sample, sharding
 
 SPEC = {"class_name": "EDMPrecond", "sigma_init": 2.5,
         "kwargs": dict(img_resolution=8, img_channels=1, label_dim=10, model_type="SongUNet",
@@ -32,26 +32,38 @@ def test_parse_seeds():
       sample.parse_seeds(bad)
 
 
+def _images_and_labels(gen, seeds, classes=None, batch=256):
+  parts = list(gen.batches(seeds, classes, batch=batch))
+  return (np.concatenate([x for _, x, _ in parts]), np.concatenate([l for _, _, l in parts]))
+
+
 def test_images_depend_only_on_their_seed(generator_dir):
-  one = sample.Generator(generator_dir, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
-  eight = sample.Generator(generator_dir, sharding.make_mesh({"data": 8}))
+  one = generators.load(generator_dir, mesh=sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+  eight = generators.load(generator_dir, mesh=sharding.make_mesh({"data": 8}))
   seeds = list(range(20, 33))
-  x1, l1 = one(seeds, batch=4)
-  x8, l8 = eight(seeds, batch=16)
+  x1, l1 = _images_and_labels(one, seeds, batch=4)
+  x8, l8 = _images_and_labels(eight, seeds, batch=16)
   np.testing.assert_allclose(x1, x8, atol=1e-5)
   np.testing.assert_array_equal(l1, l8)
-  x_sub, _ = eight(seeds[5:7], batch=8)
+  np.testing.assert_array_equal(one.labels(seeds), l1)  # the classes drawn from the seeds
+  x_sub, _ = _images_and_labels(eight, seeds[5:7], batch=8)
   np.testing.assert_allclose(x_sub, x1[5:7], atol=1e-5)
   assert np.std(x1[0] - x1[1]) > 1e-3  # different seeds differ
   assert len(set(l1.tolist())) > 1  # uniform random classes
 
 
 def test_class_flag_and_errors(generator_dir):
-  gen = sample.Generator(generator_dir, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
-  _, labels = gen([1, 2, 3], class_idx=7)
+  gen = generators.load(generator_dir, mesh=sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+  _, labels = _images_and_labels(gen, [1, 2, 3], 7)
   assert labels.tolist() == [7, 7, 7]
   with pytest.raises(ValueError, match="out of range"):
-    gen([1], class_idx=10)
+    gen.generate([1], 10)
+  with pytest.raises(ValueError, match="one-step generators"):
+    gen.generate([1], steps=2)
+  with pytest.raises(ValueError, match="out of range"):
+    sample.run(outdir="unused", seeds="0", checkpoint=generator_dir, class_idx=10)
+  with pytest.raises(ValueError, match="--batch must be positive"):
+    sample.run(outdir="unused", seeds="0", checkpoint=generator_dir, batch=0)
   with pytest.raises(ValueError, match="exactly one"):
     sample.resolve_generator_dir(None, None)
   with pytest.raises(FileNotFoundError, match="no exported generator"):

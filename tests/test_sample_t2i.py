@@ -1,8 +1,8 @@
 """Text-to-image generation CLI (`python -m sid_jax.sample --prompts ...`, lsg_spec §7).
 
 A tiny random Stable Diffusion model saved as a SiD-LSG generator checkpoint (no training): the
-written images must be exactly what `lsg.make_image_sampler` gives for each seed's latent and
-prompt, whatever the batch size.
+written images must be exactly what the lsg_spec §2 / §7 formula (written out below, on the
+in-memory model) gives for each seed's latent and prompt, whatever the batch size.
 """
 
 import json
@@ -10,11 +10,12 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
 
-from sid_jax import checkpoints, images, lsg, sample, sharding
+from sid_jax import checkpoints, generators, images, sample, sharding
 from sid_jax.models import stable_diffusion
 
 PROMPTS = ["a red cat", "a photo of a dog on grass", "", "an oil painting of a lighthouse"]
@@ -41,7 +42,7 @@ def model(tmp_path_factory):
   with open(prompt_file, "w", encoding="utf-8") as f:
     f.write("\n".join(PROMPTS) + "\n")
   return {"dir": gen_dir, "teacher": teacher_dir, "prompts": prompt_file, "sd": sd,
-          "params": params, "sampler": lsg.make_image_sampler(sd, 625, 1)}
+          "params": params, "sampler": _reference_sampler(sd, 625, 1)}
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +50,36 @@ def mesh():
   return sharding.make_mesh({"data": 1}, jax.devices()[:1])
 
 
-def _direct(model, sampler, z, prompts, key=None):
-  """uint8 images of the library sampler on latents z [N, h, w, 4] and prompts."""
+def _reference_sampler(sd, init_timestep, steps):
+  """The official generation (lsg_spec §2, §7) written out: t_i = floor(t_init (1 - i / k)),
+  x_0 = sigma_{t_0} z, then x_i = D(x_{i-1}) + sigma_{t_i} n_i with n_i drawn from
+  fold_in(key of the image, i); the text embedding of the prompt; the VAE decoder."""
+  ts = [int(np.floor(init_timestep * (1 - i / steps))) for i in range(steps)]
+
+  @jax.jit
+  def sample_fn(unet, text, vae, z, ids, keys):
+    emb = sd.encode_text(text, ids)
+    d = None
+    for i, t in enumerate(ts):
+      sigma = sd.denoiser.sigma_at(t)
+      if i == 0:
+        x = sigma * z
+      else:
+        n = jnp.stack([jax.random.normal(jax.random.fold_in(keys[j], i), z.shape[1:])
+                       for j in range(z.shape[0])])
+        x = d + sigma * n
+      d = sd.denoiser(unet, x, jnp.full((z.shape[0],), sigma, jnp.float32), emb)
+    return sd.decode(vae, d)
+
+  return sample_fn
+
+
+def _direct(model, sampler, z, prompts, keys=None):
+  """uint8 images of the reference sampler on latents z [N, h, w, 4] and prompts."""
   p, sd = model["params"], model["sd"]
+  keys = [jax.random.key(0)] * len(prompts) if keys is None else keys
   x = sampler(p["unet"], p["text_encoder"], p["vae"], np.asarray(z, np.float32),
-              sd.tokenize(prompts), jax.random.key(0) if key is None else key)
+              sd.tokenize(prompts), jnp.stack(keys))
   return images.to_uint8(np.asarray(x))
 
 
@@ -129,15 +155,15 @@ def test_custom_seed_uses_positions(model, mesh, baseline, tmp_path):
 def test_two_steps(model, mesh, baseline, tmp_path):
   seeds = [0, 3]
   out = _run(model, mesh, tmp_path, seeds="0,3", steps=2, batch=1)
-  sampler = lsg.make_image_sampler(model["sd"], 625, 2)
+  sampler = _reference_sampler(model["sd"], 625, 2)
   for s in seeds:
-    # One image alone with key(seed): its fresh noise at step 1 is normal(fold_in(key(s), 1)).
-    want = _direct(model, sampler, [_z(model, s)], [PROMPTS[s]], jax.random.key(s))
+    # The fresh noise of the image of seed s at step 1 is normal(fold_in(key(s), 1)).
+    want = _direct(model, sampler, [_z(model, s)], [PROMPTS[s]], [jax.random.key(s)])
     np.testing.assert_array_equal(_png(out, s), want[0])
     assert np.abs(_png(out, s).astype(int) - baseline[0][s].astype(int)).mean() > 1
   with open(os.path.join(out, sample.GENERATION_RECORD)) as f:
     assert json.load(f)["timesteps"] == [625, 312]
-  assert sample.timesteps(625, 4) == [625, 468, 312, 156]
+  assert generators.ddpm_timesteps(625, 4) == [625, 468, 312, 156]
 
 
 def test_latents_file_nchw(model, mesh, baseline, tmp_path):
@@ -168,14 +194,14 @@ def test_errors(model, mesh, tmp_path):
   with pytest.raises(ValueError, match="--class"):
     _run(model, mesh, tmp_path, class_idx=1)
   teacher_spec = checkpoints.load_network_spec(model["teacher"])
-  assert sample.resolve_init_timestep(model["teacher"], teacher_spec, 500) == (
+  assert generators.resolve_init_timestep(model["teacher"], teacher_spec, 500) == (
       500, "--init_timestep")
-  with open(os.path.join(model["teacher"], sample.SOURCE_RECORD), "w") as f:
+  with open(os.path.join(model["teacher"], generators.SOURCE_RECORD), "w") as f:
     json.dump({"generator": {"init_timestep": 625}}, f)  # a converted released generator
-  assert sample.resolve_init_timestep(model["teacher"], teacher_spec, None) == (625, "source.json")
-  os.remove(os.path.join(model["teacher"], sample.SOURCE_RECORD))
+  assert generators.resolve_init_timestep(model["teacher"], teacher_spec, None) == (625, "source.json")
+  os.remove(os.path.join(model["teacher"], generators.SOURCE_RECORD))
   with pytest.raises(ValueError, match=r"must lie in \[0, 1000\)"):
-    sample.resolve_init_timestep(model["teacher"], teacher_spec, 1000)
+    generators.resolve_init_timestep(model["teacher"], teacher_spec, 1000)
   # A class-conditional generator takes none of the text-to-image options.
   edm = tmp_path / "edm"
   edm.mkdir()

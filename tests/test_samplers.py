@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sid_jax import denoisers, losses, samplers
+from sid_jax import denoisers, generators, losses, samplers
 
 STD = 0.5  # component standard deviation (sigma_data-like)
 SHAPE = (8, 8, 1)
@@ -206,15 +206,12 @@ def test_edm2_sampler_and_guidance(gmm):
     samplers.edm2_sampler(teacher, params, z, labels, guidance=2.0)
 
 
-def test_one_step_sampler(gmm):
+def test_one_step_generator(gmm):
   teacher, params = gmm
   z = jax.random.normal(jax.random.key(7), (4,) + SHAPE)
   labels = jax.nn.one_hot(jnp.arange(4) % K, K)
-  x = jax.jit(functools.partial(samplers.one_step_sampler, teacher, sigma_init=2.5))(params, z,
-                                                                                   labels)
+  x = jax.jit(generators.one_step(teacher, 2.5))(params, z, labels)
   np.testing.assert_allclose(x, teacher(params, 2.5 * z, 2.5, labels), rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(x, denoisers.generate_one_step(teacher, params, z, 2.5, labels),
-                             rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("stochastic", [False, True])

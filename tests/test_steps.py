@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from sid_jax import optim, sharding, steps
+from sid_jax import generators, optim, sharding, steps
+from sid_jax.nets import edm2
 from tests import tiny
 
 
@@ -156,9 +157,9 @@ def test_edm2_forced_weight_normalisation_projects_before_training_forwards():
   base, teacher_params, _ = tiny.make_setup(label_dim=10, shape=(8, 8, 4))
   results = {}
   for force in (False, True):
-    setup = steps.SiDSetup(**{**base.__dict__, "generator": den, "fake_score": den,
-                              "hyper": steps.SiDHyper(ema_halflife_kimg=0.05,
-                                                      force_normalization=force)})
+    setup = steps.SiDSetup(**{**base.__dict__, "generate": generators.one_step(den, 2.5),
+                              "fake_score": den,
+                              "project": edm2.project_mpconv_weights if force else None})
     state, hist = _run(setup, teacher_params, params, 1)
     assert np.isfinite(hist[0]["gen_loss"]) and np.isfinite(hist[0]["fake_loss"])
     results[force] = (channel_rms(state.generator), channel_rms(state.fake_score))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from ml_collections import config_flags  # noqa: F401  (ensures the flag machinery imports)
 
-from sid_jax import checkpoints, train
+from sid_jax import checkpoints, steps, train
+from sid_jax import run as run_lib
 from tests import configs_util
 
 
@@ -21,9 +22,9 @@ ONE_DEVICE = jax.devices()[:1]
 
 
 def _restore_state(workdir, step, config):
-  run = train.build_run(config, ONE_DEVICE)
+  run = run_lib.build_run(config, ONE_DEVICE)
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=10)
-  abstract = jax.eval_shape(lambda p: train.steps.init_state(run.setup, p, p), run.init_params)
+  abstract = jax.eval_shape(lambda p: steps.init_state(run.setup, p, p), run.init_params)
   abstract = {"state": abstract, "rng": jax.ShapeDtypeStruct((2,), np.uint32)}
   state, meta = ckpt.restore(step, abstract, config.to_dict())
   ckpt.close()
@@ -136,19 +137,19 @@ def test_tree_mismatch_names_the_keys():
 def test_bad_config_fails_before_compiling(override, pattern):
   config = configs_util.load("gmm_sid.py", "tiny", **override)
   with pytest.raises((ValueError, FileNotFoundError), match=pattern):
-    train.build_run(config)
+    run_lib.build_run(config)
 
 
 def test_teacher_resolution_mismatch_is_reported(tmp_path):
   config = configs_util.load("gmm_sid.py", "tiny")
-  run = train.build_run(config)
+  run = run_lib.build_run(config)
   spec = dict(run.student_spec)
   checkpoints.save_network(str(tmp_path / "teacher"), run.init_params, spec)
   bad = configs_util.load("gmm_sid.py", "tiny", **{
       "teacher.type": "network", "teacher.checkpoint": str(tmp_path / "teacher"),
       "data.resolution": 16})
   with pytest.raises(ValueError, match="resolution=16"):
-    train.build_run(bad)
+    run_lib.build_run(bad)
 
 
 def test_nonfinite_losses_stop_the_run_without_saving(tmp_path):

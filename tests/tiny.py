@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sid_jax import denoisers, optim, steps
+from sid_jax import denoisers, generators, losses, optim, steps
 
 
 class TinyNet(nn.Module):
@@ -29,8 +29,9 @@ def make_setup(*, label_dim=3, global_batch=8, micro_batch=8, shape=(4, 4, 1), d
   teacher = denoisers.GaussianMixtureDenoiser(std=teacher_std)
   teacher_params = teacher.make_params(0, max(label_dim, 2), shape)
   setup = steps.SiDSetup(
-      teacher=teacher, generator=net, fake_score=net, image_shape=shape, label_dim=label_dim,
-      global_batch=global_batch, micro_batch=micro_batch,
+      teacher=teacher, fake_score=net, generate=generators.one_step(net, 2.5),
+      fake_loss=losses.DSMLoss(), generator_loss=losses.SiDGeneratorLoss(), image_shape=shape,
+      label_dim=label_dim, global_batch=global_batch, micro_batch=micro_batch,
       hyper=steps.SiDHyper(ema_halflife_kimg=0.05),
       generator_tx=optim.adam(1e-3, 0.0, 0.999, 1e-8),
       fake_tx=optim.adam(1e-3, 0.0, 0.999, 1e-8),

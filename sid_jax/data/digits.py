@@ -28,8 +28,3 @@ def split_halves(seed: int = 0):
   order = np.random.RandomState(seed).permutation(len(images))
   a, b = order[:len(order) // 2], order[len(order) // 2:]
   return (images[a], labels[a]), (images[b], labels[b])
-
-
-def label_frequencies() -> np.ndarray:
-  _, labels = load_digits()
-  return np.bincount(labels, minlength=NUM_CLASSES) / len(labels)

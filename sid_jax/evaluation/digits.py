@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sid_jax import checkpoints
+from sid_jax import checkpoints, samplers
 from sid_jax.data import digits as digits_data
 from sid_jax.evaluation import frechet
 from sid_jax.nets.classifier import DigitsClassifier
@@ -118,6 +118,48 @@ class DigitsEvaluator:
   def real_metrics(self) -> dict:
     xb, yb = self.real_b
     return self.metrics(xb, yb)
+
+
+def metric_table(generator, seeds: np.ndarray, classes: np.ndarray, rows_params, *,
+                 teacher=None, batch: int = 256, mesh=None) -> list[dict]:
+  """The digits demo's table: real data, the teacher with EDM's Heun sampler, and one-step
+  generators -- same labels, same latents (those of `seeds`), same metric.
+
+  Args:
+    generator: a `generators.ClassGenerator` (images from seeds and class ids).
+    seeds, classes: one per image (the held-out half's labels).
+    rows_params: [(row name, generator params)], one row each.
+    teacher: optional (denoiser, params, Heun steps) for the teacher's row.
+    batch: images per call.
+    mesh: the mesh the teacher's sampler runs under.
+  """
+  ev = DigitsEvaluator()
+  rows = [dict(model="real digits (held-out half)", nfe=0, **ev.real_metrics())]
+  if teacher is not None:
+    denoiser, params, num_steps = teacher
+    z = generator.latents(seeds)
+    labels = np.eye(generator.label_dim, dtype=np.float32)[classes]
+    heun = jax.jit(functools.partial(samplers.edm_sampler, denoiser, num_steps=num_steps))
+    with jax.set_mesh(mesh):
+      x = np.concatenate([np.asarray(jax.device_get(heun(params, z[i:i + batch],
+                                                         labels[i:i + batch])))
+                          for i in range(0, len(z), batch)])
+    rows.append(dict(model=f"teacher, EDM Heun sampler ({num_steps} steps)",
+                     nfe=samplers.heun_nfe(num_steps), **ev.metrics(x, classes)))
+  for name, params in rows_params:
+    x = generator.generate(seeds, classes, params=params, batch=batch)
+    rows.append(dict(model=name, nfe=1, **ev.metrics(x, classes)))
+  return rows
+
+
+def table_markdown(rows: list[dict]) -> str:
+  lines = ["| model | NFE | Fréchet distance (classifier features) ↓ | classifier accuracy ↑ |",
+           "|---|---|---|---|"]
+  for r in rows:
+    acc = r.get("classifier_accuracy")
+    lines.append(f"| {r['model']} | {r['nfe'] or '—'} | {r['frechet_distance']:.3f} | "
+                 f"{'—' if acc is None else f'{100 * acc:.1f} %'} |")
+  return "\n".join(lines)
 
 
 def main(argv):

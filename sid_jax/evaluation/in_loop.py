@@ -26,6 +26,10 @@ from typing import Any, Callable
 import numpy as np
 
 from sid_jax import images
+from sid_jax.evaluation import digits as digits_eval
+from sid_jax.evaluation import features as features_lib
+from sid_jax.evaluation import gmm as gmm_eval
+from sid_jax.evaluation import metrics as metrics_lib
 from sid_jax.evaluation import protocols
 
 KINDS = ("auto", "gmm", "digits", "fid", "none")
@@ -100,9 +104,6 @@ class InLoopFID:
   """FID of float samples in [-1, 1] (exported to uint8 as the official code does)."""
 
   def __init__(self, inception_path: str, ref_path: str, protocol_name: str, mesh, batch: int):
-    from sid_jax.evaluation import features as features_lib  # pylint: disable=g-import-not-at-top
-    from sid_jax.evaluation import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-    self._metrics = metrics_lib
     self.protocol = protocols.get(protocol_name)
     self.ref = metrics_lib.load_ref_stats(ref_path)
     if self.ref.mu.shape[0] != 2048:
@@ -122,8 +123,8 @@ class InLoopFID:
     if u8.shape[-1] == 1:
       u8 = np.repeat(u8, 3, axis=-1)
     pool = self.detector(u8)["pool"]
-    mu, sigma = self._metrics.feature_moments(pool, ddof=self.protocol.param("cov_ddof"))
-    return {"fid": self._metrics.fid_from_moments(mu, sigma, self.ref.mu, self.ref.sigma),
+    mu, sigma = metrics_lib.feature_moments(pool, ddof=self.protocol.param("cov_ddof"))
+    return {"fid": metrics_lib.fid_from_moments(mu, sigma, self.ref.mu, self.ref.sigma),
             "num_images": float(len(pool))}
 
 
@@ -133,7 +134,6 @@ def build_scorer(config, *, mesh, teacher: Any = None) -> Scorer:
   best = resolve_best_metric(config, kind)
   ev = config.eval
   if kind == "gmm":
-    from sid_jax.evaluation import gmm as gmm_eval  # pylint: disable=g-import-not-at-top
     mu, cov = teacher.denoiser.moments(teacher.params)
     means = np.asarray(teacher.params["means"])
 
@@ -143,7 +143,6 @@ def build_scorer(config, *, mesh, teacher: Any = None) -> Scorer:
     name = protocols.get("gmm-frechet").derive(num_samples=ev.num_samples).name
     return Scorer(kind, name, best, score)
   if kind == "digits":
-    from sid_jax.evaluation import digits as digits_eval  # pylint: disable=g-import-not-at-top
     evaluator = digits_eval.DigitsEvaluator()
     return Scorer(kind, digits_eval.PROTOCOL, best, evaluator.metrics)
   if kind == "fid":

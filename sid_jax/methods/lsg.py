@@ -4,33 +4,34 @@ This module only *assembles* the method from the shared pieces; nothing here is 
 training loop:
 * the teacher, fake score and generator are `denoisers.DiscreteEpsDenoiser`s around three copies
   of the teacher's UNet (the generator at t_init = 625: x_g = sigma_625 (z - eps(s_625 z)));
-* the losses are `losses.dsm_loss` (the epsilon loss, weight 1 / sigma^2) and
-  `losses.sid_generator_loss`, with noise levels from `losses.DiscreteNoiseLevels`
-  (integer t in [20, 979]);
+* the losses are `losses.DSMLoss` (the epsilon loss: weight `losses.EpsWeight`, 1 / sigma^2) and
+  `losses.SiDGeneratorLoss`, both with noise levels `losses.DiscreteLevels` (integer t in
+  [20, 979]);
 * long and short guidance (kappa_1, kappa_2, kappa_4) and prompt dropout are `steps.SiDHyper`
   settings applied through `denoisers.guided`;
 * prompts come from `data.prompts.PromptSource`, are tokenised on the host and encoded once per
-  micro-batch inside the step (`steps.Conditioning`); the empty prompt's embedding is computed once.
+  micro-batch inside the step (`steps.Conditioning`); the empty prompt's embedding is computed once;
+* sampling is `generators.TextToImageGenerator`.
 
 `config.method = 'sid_lsg'` selects it (configs/sd15_lsg.py, configs/sd21base_lsg.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from sid_jax import checkpoints, losses, sharding, steps
+from sid_jax import checkpoints, generators, losses, models, sharding, steps
+from sid_jax.methods import base
 from sid_jax.models import stable_diffusion
 from sid_jax.data import prompts as prompts_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-TINY_PROMPTS = os.path.join(os.path.dirname(__file__), "assets", "tiny_prompts.txt")
+TINY_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                            "tiny_prompts.txt")
 
 
 def check_config(config) -> None:
@@ -92,23 +93,7 @@ def load_sd(config) -> tuple[stable_diffusion.StableDiffusion, dict[str, Any], d
   return sd, params, info
 
 
-@dataclasses.dataclass
-class Parts:
-  """What `train.build_run` needs from SiD-LSG."""
-  sd: stable_diffusion.StableDiffusion
-  teacher_fn: Any  # D(frozen, x, sigma, cond)
-  student: Any  # DiscreteEpsDenoiser (generator and fake score)
-  frozen: dict[str, Any]  # {'unet', 'text_encoder', 'uncond'}: the step's constant argument
-  vae_params: Any
-  init_params: Any  # the students' initial UNet params (a copy of the teacher's)
-  levels: losses.DiscreteNoiseLevels
-  conditioning: steps.Conditioning
-  sigma_init: float
-  info: dict
-  spec: dict
-
-
-def build(config) -> Parts:
+def assemble(config) -> base.Assembly:
   sd, params, info = load_sd(config)
   g = config.lsg
   den = sd.denoiser
@@ -121,20 +106,44 @@ def build(config) -> Parts:
   conditioning = steps.Conditioning(
       encode=lambda fz, ids: sd.encode_text(fz["text_encoder"], ids),
       uncond=lambda fz: fz["uncond"])
-  levels = losses.DiscreteNoiseLevels(tuple(float(s) for s in den.sigmas), t_min=g.t_min,
-                                      t_max=g.t_max)
+  levels = losses.DiscreteLevels(tuple(float(s) for s in den.sigmas), t_min=g.t_min,
+                                 t_max=g.t_max)
+  s = config.sid
+  fake_loss = losses.DSMLoss(levels=levels, weight=losses.EpsWeight(),
+                             loss_scale=s.fake_loss_scale)
+  gen_loss = losses.SiDGeneratorLoss(levels=levels, alpha=s.alpha, loss_scale=s.gen_loss_scale)
+  hyper = base.hyper_from_config(
+      config, cfg_fake_train=float(g.cfg_fake_train), cfg_fake_eval=float(g.cfg_fake_eval),
+      cfg_teacher=float(g.cfg_teacher), cond_dropout=float(g.cond_dropout))
   spec = dict(sd.spec)
   spec["kwargs"] = dict(spec["kwargs"], generator={"init_timestep": int(g.init_timestep)})
-  return Parts(sd=sd, teacher_fn=teacher_fn, student=den, frozen=frozen,
-               vae_params=params["vae"], init_params=jax.tree.map(jnp.copy, params["unet"]),
-               levels=levels, conditioning=conditioning,
-               sigma_init=den.sigma_at(g.init_timestep), info=info, spec=spec)
+  teacher = models.Teacher(denoiser=teacher_fn, params=frozen, info=info, spec=spec)
+  vae_params = params["vae"]
 
+  def make_generator(mesh):
+    return generators.TextToImageGenerator(sd, None, init_timestep=g.init_timestep, mesh=mesh)
 
-def hyper_overrides(config) -> dict[str, Any]:
-  g = config.lsg
-  return dict(cfg_fake_train=float(g.cfg_fake_train), cfg_fake_eval=float(g.cfg_fake_eval),
-              cfg_teacher=float(g.cfg_teacher), cond_dropout=float(g.cond_dropout))
+  def sampling_params(unet, frozen_on_mesh):
+    return {"unet": unet, "text_encoder": frozen_on_mesh["text_encoder"], "vae": vae_params}
+
+  def export(unet, directory, step):
+    """A complete Stable Diffusion folder whose UNet is the generator's."""
+    tokenizer_dir = (os.path.join(config.teacher.checkpoint, stable_diffusion.TOKENIZER_DIR)
+                     if config.teacher.type == "network" else
+                     stable_diffusion.tiny_tokenizer_dir(sd.spec))
+    stable_diffusion.save(directory, dict(spec, step=step),
+                          {"unet": unet, "vae": vae_params,
+                           "text_encoder": params["text_encoder"]}, tokenizer_dir)
+
+  def make_feed(mesh, num_micro, micro_batch):
+    return PromptFeed(config, sd, mesh, num_micro, micro_batch)
+
+  return base.Assembly(
+      teacher=teacher, student=den, init_params=jax.tree.map(jnp.copy, params["unet"]),
+      spec=spec, sigma_init=den.sigma_at(g.init_timestep), fake_loss=fake_loss,
+      generator_loss=gen_loss, hyper=hyper, image_shape=tuple(sd.latent_shape), label_dim=0,
+      make_generator=make_generator, sampling_params=sampling_params, export=export,
+      conditioning=conditioning, make_feed=make_feed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,36 +189,3 @@ class PromptFeed:
 
   def restore(self, state: dict) -> None:
     self.source.restore(state)
-
-
-# ---------------------------------------------------------------------------------------------
-# One-step text-to-image sampling (grids, the sample CLI).
-# ---------------------------------------------------------------------------------------------
-
-
-def generate_latents(den, params, text_emb: jax.Array, z: jax.Array, init_timestep: int,
-                     num_steps: int = 1, key: jax.Array | None = None) -> jax.Array:
-  """The generator's scaled latents (lsg_spec §2): one step at t_init, or the k-step recursion
-  t_i = floor(t_init (1 - i / k)), x = D + sigma_{t_i} noise (fresh noise after the first step)."""
-  sigmas = den.sigmas
-  d = jnp.zeros_like(z)
-  for i in range(num_steps):
-    t = int(math.floor(init_timestep * (1 - i / num_steps)))
-    noise = z if i == 0 else jax.random.normal(jax.random.fold_in(key, i), z.shape, z.dtype)
-    sigma = float(sigmas[t])
-    d = den(params, d + sigma * noise, jnp.full((z.shape[0],), sigma, jnp.float32), text_emb)
-  return d
-
-
-def make_image_sampler(sd: stable_diffusion.StableDiffusion, init_timestep: int,
-                       num_steps: int = 1):
-  """jitted (unet_params, text_params, vae_params, z [N,h,w,4], ids [N,77], key) -> images
-  [N, H, W, 3] in about [-1, 1] (decoded by the VAE, not clamped)."""
-
-  @jax.jit
-  def sample(unet_params, text_params, vae_params, z, ids, key):
-    emb = sd.encode_text(text_params, ids)
-    latents = generate_latents(sd.denoiser, unet_params, emb, z, init_timestep, num_steps, key)
-    return sd.decode(vae_params, latents)
-
-  return sample
