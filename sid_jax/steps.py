@@ -237,9 +237,17 @@ def _project(setup: SiDSetup, params):
   return params if setup.project is None else setup.project(params)
 
 
-def _apply_updates(tx, params, opt_state, grads):
+def _update(setup: SiDSetup, tx, params, opt_state, loss_fn, draws, prefix: str):
+  """Projection, accumulated loss and gradient, optimiser step; metrics named `prefix`_*."""
+  params = _project(setup, params)
+  loss, grads, valid = _accumulate(loss_fn, params, draws, setup.num_micro, setup.unroll_micro)
+  metrics = {
+      f"{prefix}_loss": loss,
+      f"{prefix}_grad_norm": optax.tree.norm(grads),
+      f"{prefix}_valid_fraction": valid / setup.global_batch,
+  }
   updates, opt_state = tx.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state
+  return optax.apply_updates(params, updates), opt_state, metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,17 +277,9 @@ def fake_score_step(setup: SiDSetup, state: SiDState, key: Array, frozen=None,
     return setup.fake_loss(fake, x_g, labels, d, batch_size=setup.global_batch,
                            aug_labels=aug_labels)
 
-  psi = _project(setup, state.fake_score)
-  loss, grads, valid = _accumulate(loss_fn, psi, draws, setup.num_micro, setup.unroll_micro)
-  grad_norm = optax.tree.norm(grads)
-  params, opt_state = _apply_updates(setup.fake_tx, psi, state.fake_opt, grads)
-  state = state.replace(fake_score=params, fake_opt=opt_state)
-  metrics = {
-      "fake_loss": loss,
-      "fake_grad_norm": grad_norm,
-      "fake_valid_fraction": valid / setup.global_batch,
-  }
-  return state, metrics
+  params, opt_state, metrics = _update(setup, setup.fake_tx, state.fake_score, state.fake_opt,
+                                       loss_fn, draws, "fake")
+  return state.replace(fake_score=params, fake_opt=opt_state), metrics
 
 
 def generator_step(setup: SiDSetup, state: SiDState, teacher_params, key: Array,
@@ -301,17 +301,9 @@ def generator_step(setup: SiDSetup, state: SiDState, teacher_params, key: Array,
     x_g = setup.generate(theta, d["z"], labels, train=True, rng=rng)
     return setup.generator_loss(teacher, fake, x_g, labels, d, batch_size=setup.global_batch)
 
-  theta = _project(setup, state.generator)
-  loss, grads, valid = _accumulate(loss_fn, theta, draws, setup.num_micro, setup.unroll_micro)
-  grad_norm = optax.tree.norm(grads)
-  params, opt_state = _apply_updates(setup.generator_tx, theta, state.generator_opt, grads)
-  state = state.replace(generator=params, generator_opt=opt_state)
-  metrics = {
-      "gen_loss": loss,
-      "gen_grad_norm": grad_norm,
-      "gen_valid_fraction": valid / setup.global_batch,
-  }
-  return state, metrics
+  params, opt_state, metrics = _update(setup, setup.generator_tx, state.generator,
+                                       state.generator_opt, loss_fn, draws, "gen")
+  return state.replace(generator=params, generator_opt=opt_state), metrics
 
 
 def ema_decay(step: Array, batch: int, halflife_kimg: float, rampup: float | None) -> Array:
