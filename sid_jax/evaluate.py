@@ -449,7 +449,7 @@ def check_clip_inputs(kind: str) -> ClipInputs:
   Raises:
     EvaluationError: naming the flag to change.
   """
-  from sid_jax.convert import clip_params  # pylint: disable=g-import-not-at-top
+  from sid_jax.weights import clip as clip_params  # pylint: disable=g-import-not-at-top
   from sid_jax.nets import clip  # pylint: disable=g-import-not-at-top
   if kind == "checkpoint":
     raise EvaluationError(

@@ -2,7 +2,7 @@
 
 Tiny random-weight models (hidden 32, 2 layers, the 514-token byte-level vocabulary of
 `tests/tiny_tokenizer.py`) are saved with `save_pretrained` and loaded through
-`sid_jax.convert.clip_params`, the path users run. The CLIP score is recomputed independently with
+`sid_jax.weights.clip`, the path users run. The CLIP score is recomputed independently with
 the PyTorch model, PIL and torch tensor ops following GigaGAN's evaluator step by step.
 """
 
@@ -18,7 +18,8 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 from sid_jax import evaluate
-from sid_jax.convert import clip_params
+from sid_jax.weights import clip as clip_params
+from sid_jax.weights import readers
 from sid_jax.evaluation import clip_score, protocols
 from sid_jax.nets import clip
 from tests import tiny_tokenizer
@@ -216,7 +217,7 @@ def test_importer_is_strict(text_models, clip_torch, clip_flax):
   with pytest.raises(ValueError, match=r"1 mis-shaped:\n\s+final_layer_norm\.weight"):
     clip_params.text_encoder_params(bad, module)
   # A CLIPModel state dict is not a text encoder's, and vice versa.
-  clip_state = clip_params.read_state_dict(clip_torch[1]["safetensors"])
+  clip_state = readers.read_folder(clip_torch[1]["safetensors"])
   with pytest.raises(ValueError, match=r"(?s)42 unexpected:.*text_projection\.weight"):
     clip_params.text_encoder_params(clip_state, module)
   clip_module = clip_flax[0]
@@ -231,7 +232,7 @@ def test_importer_is_strict(text_models, clip_torch, clip_flax):
 
 def test_configs_and_missing_files(tmp_path):
   with pytest.raises(FileNotFoundError, match="model.safetensors.*pytorch_model.bin"):
-    clip_params.read_state_dict(tmp_path)
+    readers.read_folder(tmp_path)
   with pytest.raises(FileNotFoundError, match="config.json"):
     clip_params.load_clip_model(tmp_path)
   with pytest.raises(ValueError, match="hidden_act 'relu'"):

@@ -28,7 +28,10 @@ import torch
 
 from sid_jax import checkpoints, config_base, denoisers, models
 from sid_jax.convert import __main__ as convert_main
-from sid_jax.convert import cli, edm2_params, edm_params, pickles
+from sid_jax.models import official
+from sid_jax.weights import edm as edm_params
+from sid_jax.weights import edm2 as edm2_params
+from sid_jax.weights import pickles
 
 TESTDATA = pathlib.Path(__file__).parent / "testdata"
 BUFFER_LEAVES = ("resample_filter", "freqs", "phases")  # The official networks' buffers.
@@ -325,7 +328,7 @@ def test_edm_snapshot_round_trip(edm_pickle, tmp_path, capsys):
   assert sha in out and str(dst) in out
   assert json.loads((dst / "network.json").read_text()) == {"class_name": "EDMPrecond",
                                                             "kwargs": fx.config}
-  source = json.loads((dst / cli.SOURCE_RECORD).read_text())
+  source = json.loads((dst / official.SOURCE_RECORD).read_text())
   assert source["source_sha256"] == sha and source["key"] == "ema"
 
   teacher = models.build_teacher(_teacher_config(dst, fx))

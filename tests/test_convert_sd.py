@@ -30,7 +30,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sid_jax.models import stable_diffusion
 from sid_jax.convert import __main__ as convert_main
-from sid_jax.convert import cli
+from sid_jax.models import official
+from sid_jax.weights import diffusers as diffusers_folder
 from sid_jax.data import byte_tokenizer
 from sid_jax.nets import sd_vae
 
@@ -174,14 +175,14 @@ def test_checkpoint_contents(teacher):
   assert spec["kwargs"]["scheduler"] == teacher.folder.spec["kwargs"]["scheduler"]
   assert "generator" not in spec["kwargs"]
 
-  record = json.loads((dst / cli.SOURCE_RECORD).read_text())
+  record = json.loads((dst / official.SOURCE_RECORD).read_text())
   weights = ["text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
              "vae/diffusion_pytorch_model.safetensors"]
   assert sorted(record["weights_sha256"]) == weights
   for name in weights:
-    assert record["weights_sha256"][name] == cli.sha256_file(str(root / name))
+    assert record["weights_sha256"][name] == official.sha256_file(str(root / name))
   assert record["source"] == str(root) and record["variant"] is None
-  assert record["subfolders"] == list(cli.SD_SUBFOLDERS)
+  assert record["subfolders"] == list(diffusers_folder.SUBFOLDERS)
   assert record["unet_weights"] == "source" and record["generator"] is None
   n_torch = {"unet": teacher.folder.unet, "vae": teacher.folder.vae,
              "text_encoder": teacher.folder.text}
@@ -240,7 +241,7 @@ def test_summary_and_overwrite(sd1_teacher, tmp_path, capsys):
   dst = tmp_path / "again"
   code, out, err = _run(["sd", "--src", teacher.folder.root, "--dst", dst], capsys)
   assert code == 0, err
-  counts = json.loads((teacher.dst / cli.SOURCE_RECORD).read_text())["num_params"]
+  counts = json.loads((teacher.dst / official.SOURCE_RECORD).read_text())["num_params"]
   assert f"converted StableDiffusion from {teacher.folder.root}" in out
   for part, n in counts.items():
     assert f"{part} {n:,}" in out
@@ -280,9 +281,10 @@ def test_generator_pickle(sd1_teacher, tmp_path, capsys):
                                        teacher.params["unet"]))
   assert min(diffs) > 0  # every UNet leaf is the generator's, none the teacher's
 
-  record = json.loads((dst / cli.SOURCE_RECORD).read_text())
+  record = json.loads((dst / official.SOURCE_RECORD).read_text())
   assert record["unet_weights"] == "generator"
-  assert record["generator"] == {"source": str(pkl), "source_sha256": cli.sha256_file(str(pkl)),
+  assert record["generator"] == {"source": str(pkl),
+                                 "source_sha256": official.sha256_file(str(pkl)),
                                  "key": "ema", "init_timestep": 625}
   assert sorted(record["weights_sha256"]) == ["text_encoder/model.safetensors",
                                               "vae/diffusion_pytorch_model.safetensors"]
@@ -362,7 +364,7 @@ def test_bin_weight_files_convert_to_the_same_params(sd1_teacher, tmp_path, caps
   _, params = stable_diffusion.load(str(tmp_path / "out"))
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(sd1_teacher.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  record = json.loads((tmp_path / "out" / cli.SOURCE_RECORD).read_text())
+  record = json.loads((tmp_path / "out" / official.SOURCE_RECORD).read_text())
   assert sorted(record["weights_sha256"]) == ["text_encoder/pytorch_model.bin",
                                               "unet/diffusion_pytorch_model.bin",
                                               "vae/diffusion_pytorch_model.bin"]

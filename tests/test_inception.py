@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sid_jax.convert import inception_params
+from sid_jax.weights import inception as inception_params
+from sid_jax.weights import readers
 from sid_jax.evaluation import frechet
 from sid_jax.nets import inception
 
@@ -324,7 +325,7 @@ def test_load_pytorch_fid_weights_roundtrip(tmp_path):
   sd = _state_dict(z)
   path = tmp_path / "weights.pth"
   torch.save({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, path)
-  loaded = inception_params.load_pytorch_fid_weights(path)
+  loaded = readers.read_torch(path)
   assert sorted(loaded) == sorted(sd)
   for key, value in sd.items():
     assert loaded[key].dtype == value.dtype
@@ -336,12 +337,12 @@ def test_load_pytorch_fid_weights_roundtrip(tmp_path):
 
   torch.save({"state": {"a": 1}}, tmp_path / "bad.pth")
   with pytest.raises(ValueError, match="not a tensor"):
-    inception_params.load_pytorch_fid_weights(tmp_path / "bad.pth")
+    readers.read_torch(tmp_path / "bad.pth")
 
 
 def test_modules_do_not_import_torch():
   code = ("import sys\n"
-          "import sid_jax.nets.inception, sid_jax.convert.inception_params\n"
+          "import sid_jax.nets.inception, sid_jax.weights.inception\n"
           "print('torch' in sys.modules)\n")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,

@@ -15,7 +15,8 @@ import torch
 
 from sid_jax import denoisers, generators, losses, optim, steps
 from sid_jax.models import stable_diffusion
-from sid_jax.convert import clip_params, sd_unet_params
+from sid_jax.weights import clip as clip_params
+from sid_jax.weights import sd_unet as sd_unet_params
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -16,7 +16,7 @@ import scipy.linalg
 import scipy.spatial
 
 from sid_jax import sharding
-from sid_jax.convert import inception_params
+from sid_jax.weights import inception as inception_params
 from sid_jax.evaluation import features, metrics, protocols
 from sid_jax.nets import inception
 from tests import test_inception

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from sid_jax.convert.edm_params import torch_state_dict_to_flax
+from sid_jax.weights.edm import torch_state_dict_to_flax
 from sid_jax.nets import layers
 from sid_jax.nets.dhariwal import DhariwalUNet
 from sid_jax.models.edm import build_edm_denoiser

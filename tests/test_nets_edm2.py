@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from sid_jax.convert import edm2_params
+from sid_jax.weights import edm2 as edm2_params
 from sid_jax.nets import edm2
 from sid_jax.models.edm2 import build_edm2_denoiser
 

@@ -25,7 +25,7 @@ from diffusers import UNet2DConditionModel as TorchUNet
 from diffusers.models.embeddings import get_timestep_embedding
 from safetensors.numpy import load_file
 
-from sid_jax.convert.sd_unet_params import expected_unet_shapes, torch_name, unet_params
+from sid_jax.weights.sd_unet import expected_unet_shapes, torch_name, unet_params
 from sid_jax.nets import sd_unet
 
 PARITY_ATOL = 1e-4

@@ -20,7 +20,7 @@ import safetensors.numpy
 import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 
-from sid_jax.convert import sd_vae_params
+from sid_jax.weights import sd_vae as sd_vae_params
 from sid_jax.nets import sd_vae
 
 ATOL = 1e-4

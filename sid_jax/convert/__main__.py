@@ -49,7 +49,7 @@ and SiD-LSG generators.
 EDM / EDM2 pickles are read without the official code and without running any code they carry:
 only network data (persistent classes as records, tensors, plain containers) is rebuilt, and any
 other Python global in the file stops the conversion with an error naming it (see
-`sid_jax/convert/pickles.py`). torch is needed to read .pkl and .pt sources, not .npz. The output
+`sid_jax/weights/pickles.py`). torch is needed to read .pkl and .pt sources, not .npz. The output
 directory holds `network.json` (the spec), `params/` (Orbax) and `source.json` (source path,
 sha256, entry). `--overwrite` replaces an existing non-empty output directory.
 
@@ -61,6 +61,9 @@ pickles above: a SiD-LSG pickle holds a whole diffusers module, and unpickling i
 diffusers and torch and can run any code the file carries. Only pass a file you trust; it is
 unpickled only when you name it with `--generator` (needs `pip install 'sid_jax[convert]'
 diffusers`).
+
+This module only parses the command line and prints; the work is `sid_jax.models.official`
+(`convert`, `convert_sd`) over the strict key maps and file readers of `sid_jax.weights`.
 """
 
 from __future__ import annotations
@@ -68,7 +71,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sid_jax.convert import cli, pickles
+from sid_jax.models import official
+from sid_jax.weights import pickles
+
+# The errors a user can cause; each is printed as one line and exits 1.
+USER_ERRORS = (ValueError, FileNotFoundError, ImportError, pickles.UnsafePickleError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -117,16 +124,16 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if args.family == "sd":
       if args.key is not None and args.generator is None:
-        raise cli.ConversionError("--key selects the UNet in a --generator pickle; there is no "
-                                  "--generator.")
-      summary = cli.convert_sd(args.src, args.dst, variant=args.variant,
-                               generator=args.generator,
-                               key="ema" if args.key is None else args.key,
-                               overwrite=args.overwrite)
+        raise ValueError("--key selects the UNet in a --generator pickle; there is no "
+                         "--generator.")
+      summary = official.convert_sd(args.src, args.dst, variant=args.variant,
+                                    generator=args.generator,
+                                    key="ema" if args.key is None else args.key,
+                                    overwrite=args.overwrite)
     else:
-      summary = cli.convert(args.family, args.src, args.dst, key=args.key, spec_path=args.spec,
-                            overwrite=args.overwrite)
-  except (cli.ConversionError, pickles.UnsafePickleError, FileNotFoundError, ValueError) as e:
+      summary = official.convert(args.family, args.src, args.dst, key=args.key,
+                                 spec_path=args.spec, overwrite=args.overwrite)
+  except USER_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print("\n".join(summary.lines()))

@@ -27,8 +27,8 @@ HTML entities are unescaped twice and surrounding whitespace stripped; Hugging F
 `CLIPTokenizer` then collapses whitespace and lowercases. Its padding token does not matter: the
 text tower is causal and pools at the first end-of-text token.
 
-`CLIPScorer` runs a `sid_jax.nets.clip.CLIPModel` (e.g. `sid_jax.convert.clip_params.
-load_clip_model` of laion/CLIP-ViT-g-14-laion2B-s12B-b42K) in fixed-size jitted batches.
+`CLIPScorer` runs a `sid_jax.nets.clip.CLIPModel` (e.g. `sid_jax.weights.clip.load_clip_model`
+of laion/CLIP-ViT-g-14-laion2B-s12B-b42K) in fixed-size jitted batches.
 """
 
 from __future__ import annotations
@@ -298,7 +298,7 @@ def load_scorer(clip_folder: str | os.PathLike, tokenizer_folder: str | os.PathL
     batch_size: images per jitted call.
     **kw: `dtype` / `precision` for the model.
   """
-  from sid_jax.convert import clip_params  # pylint: disable=g-import-not-at-top
+  from sid_jax.weights import clip as clip_params  # pylint: disable=g-import-not-at-top
   model, params = clip_params.load_clip_model(clip_folder, **kw)
   tokenizer = load_tokenizer(tokenizer_folder if tokenizer_folder is not None else clip_folder)
   return CLIPScorer(model, params, tokenizer, protocol=protocol, batch_size=batch_size)

@@ -1,7 +1,7 @@
 """Inception features of uint8 images, computed on a device mesh.
 
 `InceptionFeatures` runs `sid_jax.nets.inception.FIDInceptionV3` (pytorch-fid's weights, imported
-strictly by `sid_jax.convert.inception_params`) with the batch split over every mesh axis. Each
+strictly by `sid_jax.weights.inception`) with the batch split over every mesh axis. Each
 call pads the last batch to the fixed batch size (so one program serves every batch) and brings
 the features to the host once, as float64. `InceptionFeatures.stream` consumes batches from any
 iterable (a generator sampling a model, a folder reader, ...) and accumulates the FID moments in
@@ -24,7 +24,8 @@ import jax
 import numpy as np
 
 from sid_jax import checkpoints, sharding
-from sid_jax.convert import inception_params
+from sid_jax.weights import inception as inception_weights
+from sid_jax.weights import readers
 from sid_jax.nets import inception
 
 FEATURE_KEYS = ("pool", "logits_unbiased")
@@ -37,8 +38,8 @@ WEIGHTS_HELP = (
     f"2015-12-05 Inception graph ported to PyTorch; published at {WEIGHTS_URL}). sid_jax never "
     "downloads: fetch that file where you have network access and pass its path with "
     "--inception=PATH (reading a .pth needs torch), or convert it once to an .npz that needs no "
-    "torch: python -c \"import numpy as np; from sid_jax.convert import inception_params as ip; "
-    f"np.savez('fid_inception.npz', **ip.load_pytorch_fid_weights('{WEIGHTS_FILE}'))\"")
+    "torch: python -c \"import numpy as np; from sid_jax.weights import readers; "
+    f"np.savez('fid_inception.npz', **readers.read_torch('{WEIGHTS_FILE}'))\"")
 
 
 def load_inception_variables(path: str | None) -> dict[str, Any]:
@@ -52,17 +53,13 @@ def load_inception_variables(path: str | None) -> dict[str, Any]:
     raise FileNotFoundError("No Inception weights given. " + WEIGHTS_HELP)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"Inception weights {path!r} do not exist. " + WEIGHTS_HELP)
-  if path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as z:
-      state_dict = {key: z[key] for key in z.files}
-  elif path.endswith((".pth", ".pt")):
-    state_dict = inception_params.load_pytorch_fid_weights(path)
-  else:
+  if not path.endswith((".npz", ".pth", ".pt")):
     raise ValueError(f"Inception weights must be a .pth or .npz state dict, got {path!r}. "
                      + WEIGHTS_HELP)
+  state_dict = readers.read_file(path)
   module = inception.FIDInceptionV3()
   shape = (1, inception.FID_INPUT_SIZE, inception.FID_INPUT_SIZE, 3)
-  return inception_params.torch_state_dict_to_flax(state_dict, module, shape)
+  return inception_weights.torch_state_dict_to_flax(state_dict, module, shape)
 
 
 def check_images(images: np.ndarray, what: str = "images") -> np.ndarray:

@@ -9,7 +9,8 @@ the VAE (decoding only) and the tokenizer (`transformers.CLIPTokenizer` from a l
 
 Where the weights come from:
 * `read_diffusers(folder)`: a local diffusers model folder (`unet/`, `vae/`, `text_encoder/`,
-  `tokenizer/`, `scheduler/`; safetensors, or .bin with torch);
+  `tokenizer/`, `scheduler/`; safetensors, or .bin with torch), read by
+  `sid_jax.weights.diffusers` and converted by the key maps of `sid_jax.weights`;
 * `load(directory)`: the network checkpoint `python -m sid_jax.convert sd` writes (spec JSON +
   Orbax params + the tokenizer folder), which needs neither torch nor diffusers;
 * `tiny_spec()` + `random_params`: a tiny random model for tests and `:tiny` configs, with the
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -32,6 +32,10 @@ import numpy as np
 
 from sid_jax import checkpoints, denoisers
 from sid_jax.nets import clip, sd_unet, sd_vae
+from sid_jax.weights import clip as clip_weights
+from sid_jax.weights import diffusers
+from sid_jax.weights import sd_unet as sd_unet_weights
+from sid_jax.weights import sd_vae as sd_vae_weights
 
 CLASS_NAME = "StableDiffusion"
 TOKENIZER_DIR = "tokenizer"
@@ -280,48 +284,27 @@ def tiny_tokenizer_dir(spec: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_json(path: str) -> dict[str, Any]:
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} is missing (expected a diffusers Stable Diffusion folder "
-                            "with unet/, vae/, text_encoder/, tokenizer/ and scheduler/).")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
-
-
 def read_diffusers(folder: str, *, variant: str | None = None, unet_state_dict=None
                    ) -> tuple[dict[str, Any], dict[str, Any]]:
-  """(spec, params) of a local diffusers folder, converted strictly.
+  """(spec, params) of a local diffusers folder (files read by `sid_jax.weights.diffusers`),
+  converted strictly.
 
   Args:
     folder: the model folder (e.g. a local copy of stable-diffusion-v1-5).
     variant: weight variant such as 'fp16' (`diffusion_pytorch_model.fp16.safetensors`).
     unet_state_dict: use these UNet weights instead of `unet/` (a released SiD-LSG generator).
   """
-  # pylint: disable-next=g-import-not-at-top
-  from sid_jax.convert import clip_params, sd_unet_params, sd_vae_params
-  folder = os.path.abspath(folder)
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(f"{folder!r} is not a directory.")
-  sched_path = os.path.join(folder, "scheduler", "scheduler_config.json")
-  spec = {"class_name": CLASS_NAME, "kwargs": {
-      "unet": _read_json(os.path.join(folder, "unet", "config.json")),
-      "vae": _read_json(os.path.join(folder, "vae", "config.json")),
-      "text_encoder": _read_json(os.path.join(folder, "text_encoder", "config.json")),
-      "scheduler": _read_json(sched_path),
-  }}
+  folder = diffusers.check_folder(folder)
+  spec = {"class_name": CLASS_NAME, "kwargs": diffusers.read_configs(folder)}
   sd = build(spec, os.path.join(folder, TOKENIZER_DIR))
-  diffusers_stems = ("diffusion_pytorch_model", "diffusion_pytorch_model")
   if unet_state_dict is None:
-    unet_state_dict = clip_params.read_state_dict(os.path.join(folder, "unet"), variant,
-                                                  stems=diffusers_stems)
+    unet_state_dict = diffusers.read_state_dict(folder, "unet", variant)
   params = {
-      "unet": sd_unet_params.unet_params(unet_state_dict, sd.unet),
-      "vae": sd_vae_params.vae_params(
-          clip_params.read_state_dict(os.path.join(folder, "vae"), variant,
-                                      stems=diffusers_stems), sd.vae)["params"],
-      "text_encoder": clip_params.text_encoder_params(
-          clip_params.read_state_dict(os.path.join(folder, "text_encoder"), variant),
-          sd.text_encoder),
+      "unet": sd_unet_weights.unet_params(unet_state_dict, sd.unet),
+      "vae": sd_vae_weights.vae_params(diffusers.read_state_dict(folder, "vae", variant),
+                                       sd.vae)["params"],
+      "text_encoder": clip_weights.text_encoder_params(
+          diffusers.read_state_dict(folder, "text_encoder", variant), sd.text_encoder),
   }
   return spec, params
 

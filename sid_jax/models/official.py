@@ -1,16 +1,19 @@
-"""The work behind `python -m sid_jax.convert`: official weights -> a sid_jax network checkpoint.
+"""Official checkpoints -> sid_jax networks: the library behind `python -m sid_jax.convert`.
 
-`convert()` reads a source (an official pickle, a torch `state_dict` file or an npz of torch
-names), builds the network spec `{'class_name', 'kwargs'}`, builds the denoiser with
-`models.build_denoiser`, converts the weights with the strict converter of the family
-(`edm_params` / `edm2_params`) and writes `checkpoints.save_network(dst, params, spec)`, plus a
+EDM / EDM2 (and SiD / SiDA generators). `read_official(family, src, ...)` reads a source (an
+official network pickle, a torch `state_dict` file or an npz of torch names), builds the network
+spec `{'class_name', 'kwargs'}`, builds the denoiser with `models.build_denoiser` and converts the
+weights with the family's strict key map (`weights.edm` / `weights.edm2`): it returns
+(spec, params). `convert(...)` also writes `checkpoints.save_network(dst, params, spec)` and a
 `source.json` that records where the weights came from.
 
-`convert_sd()` does the same for Stable Diffusion: a local diffusers folder (optionally with the
-UNet of a released SiD-LSG generator pickle) -> `stable_diffusion.save`'s model directory.
+Stable Diffusion. `read_stable_diffusion(src, ...)` reads a local diffusers folder (optionally
+with the UNet of a released SiD-LSG generator pickle) into (spec, params);
+`convert_sd(...)` writes it as `stable_diffusion.save`'s model directory plus `source.json`.
 
-Every problem a user can cause raises `ConversionError` (or FileNotFoundError, or the converter's
-ValueError naming the keys).
+Every problem a user can cause raises `ConversionError` (or FileNotFoundError, ImportError for a
+missing optional dependency, `weights.pickles.UnsafePickleError`, or the converters' ValueError
+naming the keys).
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from sid_jax import checkpoints, models
-from sid_jax.convert import edm2_params, edm_params, pickles, strict
+from sid_jax import checkpoints
+from sid_jax.models import EDM2_CLASSES, EDM_CLASSES, _plain, build_denoiser, stable_diffusion
+from sid_jax.weights import diffusers, edm, edm2, pickles, readers, strict
 
 SOURCE_RECORD = "source.json"
 PICKLE_EXTENSIONS = (".pkl", ".pickle")
@@ -36,36 +40,18 @@ TORCH_EXTENSIONS = (".pt", ".pth")
 NPZ_EXTENSIONS = (".npz",)
 
 FAMILIES = {
-    "edm": (models.EDM_CLASSES, edm_params.torch_state_dict_to_flax),
-    "edm2": (models.EDM2_CLASSES, edm2_params.torch_state_dict_to_flax),
+    "edm": (EDM_CLASSES, edm.torch_state_dict_to_flax),
+    "edm2": (EDM2_CLASSES, edm2.torch_state_dict_to_flax),
 }
+
+# The released SiD-LSG generators take one step from t_init = 625 (config_base.lsg_config). The
+# pickles do not record it; source.json does, for whoever samples from the converted UNet.
+LSG_INIT_TIMESTEP = 625
+CONVERT_EXTRA = f"{readers.CONVERT_EXTRA} diffusers"
 
 
 class ConversionError(ValueError):
   """A source that cannot be converted as asked; the message says what to change."""
-
-
-@dataclasses.dataclass
-class Summary:
-  """What `convert` did."""
-  class_name: str
-  model_type: str | None
-  num_params: int
-  src: str
-  src_sha256: str
-  key: str | None
-  dst: str
-
-  def lines(self) -> list[str]:
-    name = self.class_name + (f" ({self.model_type})" if self.model_type else "")
-    where = self.src + (f" [{self.key!r}]" if self.key else "")
-    return [
-        f"converted {name} from {where}",
-        f"  parameters:    {self.num_params:,}",
-        f"  source sha256: {self.src_sha256}",
-        f"  written to:    {self.dst}",
-        f"  use it with:   --config.teacher.type=network --config.teacher.checkpoint={self.dst}",
-    ]
 
 
 def sha256_file(path: str) -> str:
@@ -76,8 +62,26 @@ def sha256_file(path: str) -> str:
   return h.hexdigest()
 
 
+def num_params(params: Any) -> int:
+  return int(sum(np.size(leaf) for leaf in jax.tree.leaves(params)))
+
+
+def check_dst(dst: str, overwrite: bool) -> str:
+  """The absolute `dst`; raises if it is a file, or a non-empty directory without `overwrite`."""
+  dst = os.path.abspath(dst)
+  if os.path.isfile(dst) or (os.path.isdir(dst) and os.listdir(dst) and not overwrite):
+    raise ConversionError(f"--dst {dst!r} already exists and is not an empty directory; choose "
+                          "another one or pass --overwrite.")
+  return dst
+
+
+def _write_record(dst: str, record: dict) -> None:
+  with open(os.path.join(dst, SOURCE_RECORD), "w") as f:
+    json.dump(record, f, indent=2, sort_keys=True)
+
+
 # ---------------------------------------------------------------------------------------------
-# Specs.
+# EDM / EDM2 specs.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -120,6 +124,7 @@ def spec_from_record(record: pickles.PickledObject) -> dict:
 
 
 def read_spec(path: str) -> dict:
+  """A network spec JSON file `{"class_name": ..., "kwargs": {...}}`."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"--spec {path!r}: no such file.")
   with open(path) as f:
@@ -151,7 +156,7 @@ def check_family(family: str, class_name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sources.
+# EDM / EDM2 sources.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -181,43 +186,6 @@ def select_network(obj: Any, key: str, src: str) -> pickles.PickledObject:
   return value
 
 
-def _tensor_to_numpy(value: Any) -> np.ndarray:
-  if hasattr(value, "detach"):  # A torch tensor.
-    value = value.detach().cpu()
-    if value.is_floating_point():
-      value = value.float()
-    return value.numpy()
-  return np.asarray(value)
-
-
-def _read_torch_state_dict(src: str, key: str) -> dict[str, np.ndarray]:
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise ConversionError(f"Reading {src} needs torch (an optional dependency): install it, or "
-                          "export the weights to .npz.") from None
-  try:
-    obj = torch.load(src, map_location="cpu", weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ConversionError(
-        f"torch.load({src!r}, weights_only=True) failed: {e}\nOnly plain state_dicts (names -> "
-        "tensors) are read; save one with torch.save(net.state_dict(), path).") from None
-  is_tensor_dict = lambda d: (isinstance(d, Mapping) and d and
-                              all(isinstance(v, torch.Tensor) for v in d.values()))
-  if not is_tensor_dict(obj):
-    if isinstance(obj, Mapping) and key in obj and is_tensor_dict(obj[key]):
-      obj = obj[key]
-    else:
-      raise ConversionError(f"{src} is not a state_dict (a dict of tensors) and has no key "
-                            f"{key!r} holding one.")
-  return {str(k): _tensor_to_numpy(v) for k, v in obj.items()}
-
-
-def _read_npz(src: str) -> dict[str, np.ndarray]:
-  with np.load(src, allow_pickle=False) as z:
-    return {k: np.asarray(z[k]) for k in z.files}
-
-
 def read_source(src: str, key: str, spec_path: str | None) -> tuple[dict, dict, str]:
   """(spec, state_dict, format) of `src`; `format` is 'pickle', 'torch' or 'npz'."""
   ext = os.path.splitext(src)[1].lower()
@@ -229,7 +197,7 @@ def read_source(src: str, key: str, spec_path: str | None) -> tuple[dict, dict, 
       obj = pickles.load(src)
     except ImportError:
       raise ConversionError(f"Reading {src} needs torch (an optional dependency) for its tensor "
-                            "storages; install it.") from None
+                            f"storages: {readers.CONVERT_EXTRA}.") from None
     record = select_network(obj, key, src)
     return spec_from_record(record), record.state_dict, "pickle"
   if ext in TORCH_EXTENSIONS + NPZ_EXTENSIONS:
@@ -238,73 +206,95 @@ def read_source(src: str, key: str, spec_path: str | None) -> tuple[dict, dict, 
                             "{\"class_name\": ..., \"kwargs\": {...}}.")
     spec = read_spec(spec_path)
     if ext in TORCH_EXTENSIONS:
-      return spec, _read_torch_state_dict(src, key), "torch"
-    return spec, _read_npz(src), "npz"
+      return spec, readers.read_torch(src, key), "torch"
+    return spec, readers.read_npz(src), "npz"
   raise ConversionError(
       f"Unknown source type {ext or '(no extension)'!r} for {src}: expected a network pickle "
       f"{PICKLE_EXTENSIONS}, a torch state_dict {TORCH_EXTENSIONS} or an npz {NPZ_EXTENSIONS}.")
 
 
 # ---------------------------------------------------------------------------------------------
-# Conversion.
+# EDM / EDM2 conversion.
 # ---------------------------------------------------------------------------------------------
 
 
-def convert(family: str, src: str, dst: str, *, key: str = "ema", spec_path: str | None = None,
-            overwrite: bool = False) -> Summary:
-  """Converts `src` into the network checkpoint directory `dst`; returns a `Summary`.
+@dataclasses.dataclass
+class Summary:
+  """What `convert` did."""
+  class_name: str
+  model_type: str | None
+  num_params: int
+  src: str
+  src_sha256: str
+  key: str | None
+  dst: str
+
+  def lines(self) -> list[str]:
+    name = self.class_name + (f" ({self.model_type})" if self.model_type else "")
+    where = self.src + (f" [{self.key!r}]" if self.key else "")
+    return [
+        f"converted {name} from {where}",
+        f"  parameters:    {self.num_params:,}",
+        f"  source sha256: {self.src_sha256}",
+        f"  written to:    {self.dst}",
+        f"  use it with:   --config.teacher.type=network --config.teacher.checkpoint={self.dst}",
+    ]
+
+
+def _check_source(family: str, src: str) -> None:
+  if family not in FAMILIES:
+    raise ConversionError(f"Unknown model family {family!r}; expected one of {sorted(FAMILIES)}.")
+  if not os.path.isfile(src):
+    raise FileNotFoundError(f"--src {src!r}: no such file.")
+
+
+def read_official(family: str, src: str, *, key: str = "ema", spec_path: str | None = None
+                  ) -> tuple[dict, Any, str]:
+  """(spec, params, format) of an official EDM / EDM2 source, converted strictly.
 
   Args:
     family: 'edm' (EDMPrecond, VPPrecond, VEPrecond, EDMPrecond_EncoderDecoder) or 'edm2'
       (Precond, EDM_2_Precond_EncoderDecoder, EDM_2_Precond_Generator).
     src: an official network pickle (.pkl), or a torch state_dict (.pt/.pth) or an npz of torch
       names, both with `spec_path`.
-    dst: output directory (see `checkpoints.save_network`).
     key: the snapshot entry holding the network ('' = the pickle's top-level object). For a .pt
       file, the entry holding the state_dict if the file is not a state_dict itself.
     spec_path: JSON `{'class_name': ..., 'kwargs': {...}}` for .pt / .npz sources.
-    overwrite: replace an existing non-empty `dst`.
-  """
-  if family not in FAMILIES:
-    raise ConversionError(f"Unknown model family {family!r}; expected one of {sorted(FAMILIES)}.")
-  if not os.path.isfile(src):
-    raise FileNotFoundError(f"--src {src!r}: no such file.")
-  dst = check_dst(dst, overwrite)
 
+  Returns:
+    The network spec, the params of `models.build_denoiser(spec)` and the source format
+    ('pickle', 'torch' or 'npz').
+  """
+  _check_source(family, src)
   spec, state_dict, fmt = read_source(src, key, spec_path)
   check_family(family, spec["class_name"])
-  denoiser = models.build_denoiser(spec)
-  params = FAMILIES[family][1](state_dict, denoiser)
-  num_params = int(sum(np.size(leaf) for leaf in jax.tree.leaves(params)))
+  return spec, FAMILIES[family][1](state_dict, build_denoiser(spec)), fmt
 
+
+def convert(family: str, src: str, dst: str, *, key: str = "ema", spec_path: str | None = None,
+            overwrite: bool = False) -> Summary:
+  """Converts `src` (see `read_official`) into the network checkpoint directory `dst`.
+
+  Writes `checkpoints.save_network(dst, params, spec)` and `source.json` (source path, sha256,
+  format, entry). `overwrite` replaces an existing non-empty `dst`. Returns a `Summary`.
+  """
+  _check_source(family, src)
+  dst = check_dst(dst, overwrite)
+  spec, params, fmt = read_official(family, src, key=key, spec_path=spec_path)
+  count = num_params(params)
   src_sha256 = sha256_file(src)
   checkpoints.save_network(dst, params, spec)
-  record = {"source": os.path.abspath(src), "source_sha256": src_sha256, "format": fmt,
-            "key": key if fmt == "pickle" else None, "class_name": spec["class_name"],
-            "num_params": num_params}
-  with open(os.path.join(dst, SOURCE_RECORD), "w") as f:
-    json.dump(record, f, indent=2, sort_keys=True)
+  _write_record(dst, {"source": os.path.abspath(src), "source_sha256": src_sha256, "format": fmt,
+                      "key": key if fmt == "pickle" else None, "class_name": spec["class_name"],
+                      "num_params": count})
   return Summary(class_name=spec["class_name"], model_type=spec["kwargs"].get("model_type"),
-                 num_params=num_params, src=src, src_sha256=src_sha256,
+                 num_params=count, src=src, src_sha256=src_sha256,
                  key=key if fmt == "pickle" else None, dst=dst)
 
 
 # ---------------------------------------------------------------------------------------------
 # Stable Diffusion: a diffusers folder (and optionally a SiD-LSG generator pickle).
 # ---------------------------------------------------------------------------------------------
-
-SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-SD_PARTS = ("unet", "text_encoder", "vae")
-# The file stems (safetensors, .bin) `clip_params.read_state_dict` looks for in each weight folder.
-SD_WEIGHT_STEMS = {
-    "unet": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
-    "vae": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
-    "text_encoder": ("model", "pytorch_model"),
-}
-# The released SiD-LSG generators take one step from t_init = 625 (config_base.lsg_config). The
-# pickles do not record it; source.json does, for whoever samples from the converted UNet.
-LSG_INIT_TIMESTEP = 625
-CONVERT_EXTRA = "pip install 'sid_jax[convert]' diffusers"
 
 
 @dataclasses.dataclass
@@ -333,61 +323,17 @@ class SDSummary:
     return out
 
 
-def check_dst(dst: str, overwrite: bool) -> str:
-  """The absolute `dst`; raises if it is a file, or a non-empty directory without `overwrite`."""
-  dst = os.path.abspath(dst)
-  if os.path.isfile(dst) or (os.path.isdir(dst) and os.listdir(dst) and not overwrite):
-    raise ConversionError(f"--dst {dst!r} already exists and is not an empty directory; choose "
-                          "another one or pass --overwrite.")
-  return dst
+def generator_config_differences(teacher: Mapping[str, Any],
+                                 generator: Mapping[str, Any]) -> list[str]:
+  """'name: a != b' for every public UNet setting both configs hold with different values.
 
-
-def check_diffusers_folder(src: str) -> str:
-  """The absolute `src`; raises naming the first missing folder of a diffusers SD model."""
-  src = os.path.abspath(src)
-  if not os.path.isdir(src):
-    raise ConversionError(f"--src {src!r}: no such directory (expected a local diffusers Stable "
-                          f"Diffusion folder with {', '.join(f'{s}/' for s in SD_SUBFOLDERS)}).")
-  missing = [os.path.join(src, s) for s in SD_SUBFOLDERS if not os.path.isdir(os.path.join(src, s))]
-  if missing:
-    raise ConversionError(f"--src {src!r} is not a diffusers Stable Diffusion folder: "
-                          f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing.")
-  return src
-
-
-def weight_files(folder: str, variant: str | None, stems: tuple[str, str]) -> list[str]:
-  """The files `clip_params.read_state_dict(folder, variant, stems=stems)` reads, in its order of
-  preference: one weight file, or a sharded index followed by its shards. [] if none exists."""
-  infix = f".{variant}" if variant else ""
-  for name in (f"{stems[0]}{infix}.safetensors", f"{stems[0]}{infix}.safetensors.index.json",
-               f"{stems[1]}{infix}.bin", f"{stems[1]}{infix}.bin.index.json"):
-    path = os.path.join(folder, name)
-    if not os.path.isfile(path):
-      continue
-    if not name.endswith(".index.json"):
-      return [path]
-    with open(path, encoding="utf-8") as f:
-      shards = sorted(set(json.load(f).get("weight_map", {}).values()))
-    return [path] + [os.path.join(folder, s) for s in shards]
-  return []
-
-
-def _plain(value: Any) -> Any:
-  """Config values as JSON would store them (tuples -> lists), for comparison."""
-  if isinstance(value, Mapping):
-    return {str(k): _plain(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_plain(v) for v in value]
-  return value
-
-
-def config_differences(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[str]:
-  """'name: a != b' for every public setting both configs hold with different values."""
+  (Not `checkpoints.config_differences`, which compares a run's stored and current configs.)
+  """
   out = []
-  for name in sorted(set(ours) & set(theirs)):
+  for name in sorted(set(teacher) & set(generator)):
     if name.startswith("_"):
       continue
-    a, b = _plain(ours[name]), _plain(theirs[name])
+    a, b = _plain(teacher[name]), _plain(generator[name])
     if a != b:
       out.append(f"{name}: {a!r} != {b!r}")
   return out
@@ -405,7 +351,8 @@ def read_generator_pickle(path: str, key: str) -> tuple[dict[str, np.ndarray], d
   if not os.path.isfile(path):
     raise FileNotFoundError(f"--generator {path!r}: no such file.")
   try:
-    import diffusers  # pylint: disable=g-import-not-at-top,unused-import
+    # The diffusers package (not `sid_jax.weights.diffusers`): unpickling imports its classes.
+    import diffusers as _  # pylint: disable=g-import-not-at-top,unused-import
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ConversionError(f"Reading the generator pickle {path} needs torch and diffusers "
@@ -438,78 +385,77 @@ def read_generator_pickle(path: str, key: str) -> tuple[dict[str, np.ndarray], d
   return state_dict, _plain(dict(getattr(value, "config", {})))
 
 
-def convert_sd(src: str, dst: str, *, variant: str | None = None, generator: str | None = None,
-               key: str = "ema", overwrite: bool = False) -> SDSummary:
-  """Converts a local diffusers Stable Diffusion folder into the sid_jax model `dst`.
-
-  Writes `stable_diffusion.save`'s network.json, params/ and tokenizer/, plus `source.json`
-  recording the source folder, the subfolders and variant read, the sha256 of every weight file
-  read and, with `generator`, the pickle the UNet came from.
+def read_stable_diffusion(src: str, *, variant: str | None = None, generator: str | None = None,
+                          key: str = "ema") -> tuple[dict[str, Any], dict[str, Any]]:
+  """(spec, params) of a local diffusers Stable Diffusion folder, converted strictly.
 
   Args:
     src: the diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/), e.g. a local
       copy of stable-diffusion-v1-5. With `generator`, the generator's teacher: its text encoder,
       VAE, tokenizer, scheduler and UNet config are used.
-    dst: output directory.
     variant: weight file variant, e.g. 'fp16' (`diffusion_pytorch_model.fp16.safetensors`).
     generator: a released SiD-LSG generator pickle whose UNet replaces `src`'s (see
-      `read_generator_pickle`: unpickling it runs code from the file).
+      `read_generator_pickle`: unpickling it runs code from the file). The spec is then marked
+      as a one-step generator (`kwargs['generator']`).
     key: the pickle entry holding the generator UNet ('' = the whole pickle).
-    overwrite: replace an existing non-empty `dst` (its tokenizer/ folder is removed first).
-
-  Raises:
-    ConversionError, FileNotFoundError or ValueError (the converters' key reports).
   """
-  from sid_jax.models import stable_diffusion  # pylint: disable=g-import-not-at-top
-  src = check_diffusers_folder(src)
-  dst = check_dst(dst, overwrite)
-
-  gen_record, unet_state_dict = None, None
+  src = diffusers.check_folder(src)
+  unet_state_dict = None
   if generator is not None:
     unet_state_dict, gen_config = read_generator_pickle(generator, key)
-    with open(os.path.join(src, "unet", "config.json"), encoding="utf-8") as f:
-      teacher_config = json.load(f)
-    diffs = config_differences(teacher_config, gen_config)
+    teacher_config = readers.read_config(os.path.join(src, "unet"))
+    diffs = generator_config_differences(teacher_config, gen_config)
     if diffs:
       raise ConversionError(f"The UNet in {generator} [{key!r}] is configured unlike "
                             f"{os.path.join(src, 'unet', 'config.json')} (generator != teacher: "
                             f"{'; '.join(diffs)}); pass its own teacher as --src.")
-    gen_record = {"source": os.path.abspath(generator), "source_sha256": sha256_file(generator),
-                  "key": key, "init_timestep": LSG_INIT_TIMESTEP}
-
-  parts = ("vae", "text_encoder") + (() if generator is not None else ("unet",))
-  files = {}
-  for part in parts:
-    found = weight_files(os.path.join(src, part), variant, SD_WEIGHT_STEMS[part])
-    files.update({os.path.relpath(p, src): sha256_file(p) for p in found})
-  try:
-    spec, params = stable_diffusion.read_diffusers(src, variant=variant,
-                                                   unet_state_dict=unet_state_dict)
-  except ImportError as e:
-    raise ConversionError(f"{e}") from None
-  num_params = {part: int(sum(np.size(leaf) for leaf in jax.tree.leaves(params[part])))
-                for part in SD_PARTS}
+  spec, params = stable_diffusion.read_diffusers(src, variant=variant,
+                                                 unet_state_dict=unet_state_dict)
   if generator is not None:
     # Marks the model as a one-step generator (what a SiD-LSG run exports), so
     # `python -m sid_jax.sample` knows its t_init.
     spec["kwargs"]["generator"] = {"init_timestep": LSG_INIT_TIMESTEP}
+  return spec, params
+
+
+def convert_sd(src: str, dst: str, *, variant: str | None = None, generator: str | None = None,
+               key: str = "ema", overwrite: bool = False) -> SDSummary:
+  """Converts a local diffusers Stable Diffusion folder (see `read_stable_diffusion`) into `dst`.
+
+  Writes `stable_diffusion.save`'s network.json, params/ and tokenizer/, plus `source.json`
+  recording the source folder, the subfolders and variant read, the sha256 of every weight file
+  read and, with `generator`, the pickle the UNet came from. `overwrite` replaces an existing
+  non-empty `dst` (its tokenizer/ folder is removed first).
+
+  Raises:
+    ConversionError, FileNotFoundError, ImportError or ValueError (the converters' key reports).
+  """
+  src = diffusers.check_folder(src)
+  dst = check_dst(dst, overwrite)
+  spec, params = read_stable_diffusion(src, variant=variant, generator=generator, key=key)
+  gen_record = None
+  if generator is not None:
+    gen_record = {"source": os.path.abspath(generator), "source_sha256": sha256_file(generator),
+                  "key": key, "init_timestep": LSG_INIT_TIMESTEP}
+  parts = ("vae", "text_encoder") + (() if generator is not None else ("unet",))
+  files = {os.path.relpath(p, src): sha256_file(p)
+           for part in parts for p in diffusers.weight_files(src, part, variant)}
+  counts = {part: num_params(params[part]) for part in diffusers.PARTS}
 
   tokenizer_out = os.path.join(dst, stable_diffusion.TOKENIZER_DIR)
   if overwrite and os.path.isdir(tokenizer_out):
     shutil.rmtree(tokenizer_out)  # No stale tokenizer file may outlive the replaced model.
   stable_diffusion.save(dst, spec, params, os.path.join(src, stable_diffusion.TOKENIZER_DIR))
-  record = {
+  _write_record(dst, {
       "class_name": stable_diffusion.CLASS_NAME, "format": "diffusers", "source": src,
-      "subfolders": list(SD_SUBFOLDERS), "variant": variant,
+      "subfolders": list(diffusers.SUBFOLDERS), "variant": variant,
       "weights_sha256": dict(sorted(files.items())),
       # Where the UNet weights came from: unet/ of `source`, or the generator pickle (whose
       # architecture is unet/config.json of `source`).
       "unet_weights": "generator" if generator is not None else "source",
       "generator": gen_record,
-      "num_params": num_params,
-  }
-  with open(os.path.join(dst, SOURCE_RECORD), "w") as f:
-    json.dump(record, f, indent=2, sort_keys=True)
-  return SDSummary(src=src, dst=dst, variant=variant, num_params=num_params,
+      "num_params": counts,
+  })
+  return SDSummary(src=src, dst=dst, variant=variant, num_params=counts,
                    generator=os.path.abspath(generator) if generator else None,
                    key=key if generator else None)
