@@ -14,7 +14,7 @@ Three modules:
 
 Submodules and parameters carry Hugging Face's names (`embeddings/token_embedding`,
 `encoder/layers_0/self_attn/q_proj`, `mlp/fc1`, `layer_norm1`, `final_layer_norm`, ...; a Flax list
-element `layers_<i>` is torch's `layers.<i>`), so `sid_jax.convert.clip_params` maps each Flax
+element `layers_<i>` is torch's `layers.<i>`), so `sid_jax.weights.clip` maps each Flax
 path to its torch name by renaming leaves only. Everything is inference-only (no dropout).
 
 Images are NHWC float arrays already normalised with CLIP's mean and std (see

@@ -7,7 +7,7 @@ not here: `sid_jax.denoisers.NetworkDenoiser` does it; `EDM2Net` holds the learn
 official `Precond` (the U-Net and the optional log-variance head).
 
 Parameter layout. Module names follow the official `state_dict` names so the converter
-(`sid_jax.convert.edm2_params`) is a renaming only: the U-Net lives under `unet`, the official
+(`sid_jax.weights.edm2`) is a renaming only: the U-Net lives under `unet`, the official
 `unet.enc.<key>` / `unet.dec.<key>` modules are Flax children `enc_<key>` / `dec_<key>`, and each
 `MPConv` keeps the official weight layout, `[out, in, kh, kw]` (convolution) or `[out, in]`
 (fully connected). Gains are 0-d parameters (`emb_gain`, `out_gain`), as in torch.

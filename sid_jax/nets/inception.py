@@ -5,7 +5,7 @@ Inception-v3 layout with the 2015-12-05 TensorFlow graph's quirks (average pools
 zero padding in the A, C and first E block; a max pool in the last E block), 1008-way classifier.
 Submodules carry torchvision's `Inception3` names (`Conv2d_1a_3x3`, `Mixed_5b`, ... `fc`; inside a
 block `branch1x1`, ...; inside a BasicConv2d `conv` and `bn`), so the state-dict importer in
-`sid_jax.convert.inception_params` maps names one to one.
+`sid_jax.weights.inception` maps names one to one.
 
 Everything is inference-only: BatchNorm always uses `batch_stats` (eps 1e-3). Convolutions default
 to `Precision.HIGHEST`, since FID is sensitive to the reduced-precision float32 convolutions some

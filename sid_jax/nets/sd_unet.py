@@ -16,7 +16,7 @@ appended after an underscore, so a Flax parameter path maps one to one onto the 
 `down_blocks_0/attentions_1/transformer_blocks_0/attn1/to_q/kernel` is
 `down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q.weight`. Leaves are `kernel`
 (Dense [in, out], Conv HWIO), `scale` (GroupNorm/LayerNorm weight) and `bias`
-(see `sid_jax.convert.sd_unet_params`).
+(see `sid_jax.weights.sd_unet`).
 
 Precision. Parameters are always float32. `dtype` is the compute dtype: each layer casts its
 parameters to it, while GroupNorm/LayerNorm statistics and the attention softmax stay in float32

@@ -15,7 +15,7 @@ so a Flax path maps to the torch name by turning `_<digits>` suffixes into `.<di
 leaf `kernel` / `scale` into `weight`: `decoder/up_blocks_0/resnets_1/conv1/kernel` is
 `decoder.up_blocks.0.resnets.1.conv1.weight` and `encoder/mid_block/attentions_0/to_out_0/kernel`
 is `encoder.mid_block.attentions.0.to_out.0.weight`. The importer lives in
-`sid_jax.convert.sd_vae_params`.
+`sid_jax.weights.sd_vae`.
 
 Precision. Parameters are float32. Convolutions and projections compute in the module's `dtype`
 (float32 by default, bfloat16 allowed) with `precision` (HIGHEST by default); GroupNorm statistics

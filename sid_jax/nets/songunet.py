@@ -2,7 +2,7 @@
 
 The field names are the official constructor arguments. Submodules are named after the official
 `state_dict` entries with the `ModuleDict` dot replaced by an underscore: the torch module
-`enc.32x32_block0.conv0` is `enc_32x32_block0/conv0` here (see `sid_jax.convert.edm_params`).
+`enc.32x32_block0.conv0` is `enc_32x32_block0/conv0` here (see `sid_jax.weights.edm`).
 
 One call can return the denoiser output F ('decoder'), the SiDA discriminator logits
 ('encoder': the channel mean of the last encoder activation, [B, h, w, 1]) or both
