@@ -68,77 +68,112 @@ This module only parses the command line and prints; the work is `sid_jax.models
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from absl import app
+from absl import flags
+from absl import logging
+
+from sid_jax import cli
 from sid_jax.models import official
 from sid_jax.weights import pickles
 
-# The errors a user can cause; each is printed as one line and exits 1.
+PROG = "python -m sid_jax.convert"
+FAMILIES = ("edm", "edm2", "sd")
+# The errors a user can cause; each is printed after "error: " and exits 1 (2 for UsageError).
 USER_ERRORS = (ValueError, FileNotFoundError, ImportError, pickles.UnsafePickleError)
 
-
-def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="python -m sid_jax.convert",
-      description="Convert official EDM / EDM2 / SiD / SiDA weights, or a diffusers Stable "
-      "Diffusion folder (and SiD-LSG generators), into a sid_jax network checkpoint.",
-      epilog="See the module docstring of sid_jax/convert/__main__.py for examples.")
-  sub = parser.add_subparsers(dest="family", required=True, metavar="{edm,edm2,sd}")
-  sd = sub.add_parser("sd", help="convert a diffusers Stable Diffusion folder (optionally "
-                      "with a SiD-LSG generator's UNet)")
-  sd.add_argument("--src", required=True,
-                  help="local diffusers folder with unet/, vae/, text_encoder/, tokenizer/, "
-                  "scheduler/ (with --generator: the generator's teacher)")
-  sd.add_argument("--dst", required=True, help="output model directory")
-  sd.add_argument("--variant", default=None,
-                  help="weight file variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)")
-  sd.add_argument("--generator", default=None,
-                  help="SiD-LSG generator pickle {'ema': UNet2DConditionModel} whose UNet "
-                  "replaces --src's. Unpickling runs code from the file: trusted files only")
-  sd.add_argument("--key", default=None,
-                  help="pickle entry holding the generator UNet (default: ema; '' = the whole "
-                  "pickle); only with --generator")
-  sd.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --dst")
-  for family, what in (("edm", "EDMPrecond / VPPrecond / VEPrecond / EDMPrecond_EncoderDecoder"),
-                       ("edm2", "Precond / EDM_2_Precond_EncoderDecoder / "
-                        "EDM_2_Precond_Generator")):
-    p = sub.add_parser(family, help=f"convert {what}")
-    p.add_argument("--src", required=True,
-                   help="official network pickle (.pkl), torch state_dict (.pt/.pth) or .npz "
-                   "of torch names")
-    p.add_argument("--dst", required=True, help="output network checkpoint directory")
-    p.add_argument("--key", default="ema",
-                   help="snapshot entry holding the network (default: ema; '' = the whole "
-                   "pickle)")
-    p.add_argument("--spec", default=None,
-                   help="JSON {\"class_name\": ..., \"kwargs\": {...}} for .pt/.npz sources")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing non-empty --dst")
-  return parser
+# Flags live in their own FlagValues, so the converter can run in-process (tests, notebooks) next
+# to other absl programs; absl's own flags (--verbosity, ...) are parsed by app.run as usual.
+FLAGS = flags.FlagValues()
+_ = flags.DEFINE_string("src", None, "edm / edm2: an official network pickle (.pkl), a torch "
+                        "state_dict (.pt/.pth) or an .npz of torch names. sd: a local diffusers "
+                        "folder with unet/, vae/, text_encoder/, tokenizer/, scheduler/ (with "
+                        "--generator: the generator's teacher).", flag_values=FLAGS)
+_ = flags.DEFINE_string("dst", None, "The output network checkpoint directory.",
+                        flag_values=FLAGS)
+_ = flags.DEFINE_string("key", None, "edm / edm2: the snapshot entry holding the network "
+                        "(default: ema; '' = the whole pickle). sd: the --generator pickle's "
+                        "entry holding the UNet (default: ema), only with --generator.",
+                        flag_values=FLAGS)
+_ = flags.DEFINE_string("spec", None, "edm / edm2, for .pt/.npz sources: JSON "
+                        "{\"class_name\": ..., \"kwargs\": {...}}.", flag_values=FLAGS)
+_ = flags.DEFINE_string("variant", None, "sd: the weight file variant, e.g. fp16 "
+                        "(diffusion_pytorch_model.fp16.safetensors).", flag_values=FLAGS)
+_ = flags.DEFINE_string("generator", None, "sd: a SiD-LSG generator pickle "
+                        "{'ema': UNet2DConditionModel} whose UNet replaces --src's. Unpickling "
+                        "runs code from the file: trusted files only.", flag_values=FLAGS)
+_ = flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --dst.",
+                      flag_values=FLAGS)
+# Flags that only one kind of subcommand takes.
+_ONLY_FOR = {"spec": ("edm", "edm2"), "variant": ("sd",), "generator": ("sd",)}
 
 
-def main(argv: list[str] | None = None) -> int:
-  """Runs the converter; returns the exit status (0 on success, 1 on a reported error)."""
-  args = _parser().parse_args(argv)
+class UsageError(ValueError):
+  """A command line that names no subcommand, lacks a flag or gives one that does not apply."""
+
+
+def execute(args: list[str]):
+  """Converts as the parsed FLAGS and the positional `args` (the subcommand) say; the summary."""
+  if len(args) != 1 or args[0] not in FAMILIES:
+    raise UsageError(f"expected one subcommand, {', '.join(FAMILIES)}, got {args or 'none'}; "
+                     f"see {PROG} --help.")
+  family = args[0]
+  missing = [f"--{name}" for name in ("src", "dst") if FLAGS[name].value is None]
+  if missing:
+    raise UsageError(f"`{family}` needs {' and '.join(missing)}.")
+  for name, families in _ONLY_FOR.items():
+    if FLAGS[name].present and family not in families:
+      raise UsageError(f"--{name} is only for {' / '.join(families)}, not `{family}`.")
+  key = "ema" if FLAGS.key is None else FLAGS.key
+  if family != "sd":
+    return official.convert(family, FLAGS.src, FLAGS.dst, key=key, spec_path=FLAGS.spec,
+                            overwrite=FLAGS.overwrite)
+  if FLAGS.key is not None and FLAGS.generator is None:
+    raise ValueError("--key selects the UNet in a --generator pickle; there is no --generator.")
+  return official.convert_sd(FLAGS.src, FLAGS.dst, variant=FLAGS.variant,
+                             generator=FLAGS.generator, key=key, overwrite=FLAGS.overwrite)
+
+
+def run(argv: list[str]):
+  """Parses `argv` (argv[0] is the program name) and converts; returns the summary.
+
+  The in-process entry point (tests, notebooks): errors are raised, not turned into exit codes.
+  """
+  FLAGS.unparse_flags()
+  return execute(FLAGS(list(argv))[1:])
+
+
+def _finish(convert) -> int:
+  """Runs `convert()`: prints the summary (0) or one error (1; 2 for a bad command line)."""
   try:
-    if args.family == "sd":
-      if args.key is not None and args.generator is None:
-        raise ValueError("--key selects the UNet in a --generator pickle; there is no "
-                         "--generator.")
-      summary = official.convert_sd(args.src, args.dst, variant=args.variant,
-                                    generator=args.generator,
-                                    key="ema" if args.key is None else args.key,
-                                    overwrite=args.overwrite)
-    else:
-      summary = official.convert(args.family, args.src, args.dst, key=args.key,
-                                 spec_path=args.spec, overwrite=args.overwrite)
-  except USER_ERRORS as e:
+    summary = convert()
+  except (flags.Error, *USER_ERRORS) as e:
     print(f"error: {e}", file=sys.stderr)
-    return 1
+    return 2 if isinstance(e, (flags.Error, UsageError)) else 1
   print("\n".join(summary.lines()))
   return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+  """Runs the converter on `argv` (the subcommand and flags, without the program name; default
+  sys.argv[1:]); returns the exit status."""
+  argv = sys.argv[1:] if argv is None else argv
+  return _finish(lambda: run([PROG, *argv]))
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """`cli.parser` (help, then this module's flags, then absl's), a bad flag as one line. Library
+  INFO logs (Orbax's) are shown only with an explicit --verbosity."""
+  try:
+    args = cli.parser(FLAGS, __doc__)(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  return args
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  app.run(lambda argv: sys.exit(_finish(lambda: execute(argv[1:]))), flags_parser=_parse_flags)
