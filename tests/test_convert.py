@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from sid_jax import checkpoints, config_base, denoisers, models
+from sid_jax import checkpoints, config_base, generators, models
 from sid_jax.convert import __main__ as convert_main
 from sid_jax.models import official
 from sid_jax.weights import edm as edm_params
@@ -386,8 +386,8 @@ def test_sid_generator_one_step_sample(tmp_path, capsys):
   # One generator call at sigma_init = 2.5 on z = x / 2.5 is the fixture's third sample.
   b, sigma_init = 2, float(fx.sigma[2])
   z = jnp.asarray(fx.x[b:b + 1] / sigma_init)
-  sample = jax.jit(denoisers.generate_one_step, static_argnums=(0, 3))
-  x = sample(generator.denoiser, generator.params, z, sigma_init, jnp.asarray(fx.labels[b:b + 1]))
+  sample = jax.jit(generators.one_step(generator.denoiser, sigma_init))
+  x = sample(generator.params, z, jnp.asarray(fx.labels[b:b + 1]))
   _assert_close(x, fx.out64["D"][b:b + 1])
 
 
