@@ -13,7 +13,7 @@ are carried into params (see `sid_jax.nets.edm2`).
 
 Strictness. `sid_jax.weights.strict.convert_state_dict` compares the state dict with
 `jax.eval_shape` of the denoiser's init; any missing, unexpected or mis-shaped entry raises one
-ValueError that lists all of them by their torch names (`report`). Nothing is skipped unless the
+ValueError that lists all of them by their torch names. Nothing is skipped unless the
 caller names it in `ignore_prefixes`.
 """
 
@@ -71,17 +71,6 @@ def expected_shapes(denoiser) -> dict[str, tuple[int, ...]]:
           for path, leaf in _expected(denoiser).items()}
 
 
-def report(misfit: strict.Misfit) -> str:
-  """EDM2's error message: the torch names of each kind of problem on one line."""
-  lines = [f"state_dict does not match {misfit.what}:"]
-  for kind, entries in misfit.kinds():
-    if entries:
-      shown = [f"{e.name}: {e.note or f'got {e.got}, expected {e.want}'}"
-               if kind in ("mis-shaped", "wrong buffers") else e.name for e in entries]
-      lines.append(f"  {kind} keys ({len(entries)}): " + ", ".join(shown))
-  return "\n".join(lines)
-
-
 def torch_state_dict_to_flax(state_dict: Mapping[str, Any], denoiser, *,
                              ignore_prefixes: Iterable[str] = ()) -> dict:
   """Converts an official EDM2 `state_dict` (torch names, numpy or torch values) to params.
@@ -94,7 +83,7 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, Any], denoiser, *,
   """
   prefixes = tuple(ignore_prefixes)
   return strict.convert_state_dict(state_dict, _expected(denoiser), flax_path_to_torch_name,
-                                   what=denoiser.module.class_name, report=report,
+                                   what=denoiser.module.class_name,
                                    ignore=lambda name: name.startswith(prefixes))
 
 

@@ -83,21 +83,6 @@ def expected_variables(module: nn.Module, input_shape) -> dict[tuple[str, ...], 
   return flax.traverse_util.flatten_dict(flax.core.unfreeze(abstract))
 
 
-def report(misfit: strict.Misfit) -> str:
-  """Inception's error message: the counts, then one problem a line."""
-  counts = ", ".join(f"{len(entries)} {kind}" for kind, entries in misfit.kinds()[:3])
-  lines = [f"State dict does not match {misfit.what} ({counts}):"]
-  for kind, entries in misfit.kinds():
-    for e in entries:
-      if kind == "missing":
-        lines.append(f"  missing: {e.name} ({'/'.join(e.path)})")
-      elif kind == "unexpected":
-        lines.append(f"  unexpected: {e.name}" + (f" ({e.note})" if e.note else ""))
-      else:
-        lines.append(f"  {kind}: {strict.describe(e, kind)}")
-  return "\n".join(lines)
-
-
 def torch_state_dict_to_flax(state_dict: Mapping[str, np.ndarray], module: nn.Module,
                              input_shape=None) -> dict[str, Any]:
   """Converts a torch state dict (name -> array) into `{'params', 'batch_stats'}` for `module`.
@@ -126,4 +111,4 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, np.ndarray], module: nn.Mo
 
   return strict.convert_state_dict(state_dict, expected, torch_name,
                                    what=type(module).__name__, rename=canonical_name,
-                                   ignore=ignore, report=report)
+                                   ignore=ignore)

@@ -7,10 +7,11 @@ parameter shapes (from `jax.eval_shape(model.init)`), takes each torch tensor, c
 every family shares it) and checks its shape and dtype. A family's
 special rules are small functions given to it: another naming of the state dict (`rename`),
 entries that may be present without a Flax counterpart (`ignore`), constant buffers that must be
-present and equal to the network's own (`constants`), and how the report reads (`report`).
+present and equal to the network's own (`constants`).
 
 Every missing, unexpected or mis-shaped entry is collected and reported in one `ValueError`
-that names them all, so a partial conversion can never pass silently.
+that names them all, in one format for every family (`report`), so a partial conversion can
+never pass silently.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def _flax(path: Path) -> str:
 
 
 def describe(entry: Entry, kind: str) -> str:
-  """One line about `entry` (see `default_report`)."""
+  """One line about `entry` (see `report`)."""
   name, path, got, want, note = entry
   if kind == "missing":
     return f"{name} ({note or f'Flax {_flax(path)}, torch shape {want}'})"
@@ -143,7 +144,7 @@ def describe(entry: Entry, kind: str) -> str:
   return f"{name}: shape {got}, expected {want}" + (f" (Flax {_flax(path)})" if path else "")
 
 
-def default_report(misfit: Misfit) -> str:
+def report(misfit: Misfit) -> str:
   """The default message: a header, then each kind of problem with one entry a line:
 
       The weights do not fit this UNet2DConditionModel:
@@ -174,8 +175,7 @@ def convert_state_dict(state_dict: Mapping[str, Any],
                        what: str,
                        rename: Callable[[str], str] | None = None,
                        ignore: Iterable[str] | Callable[[str], bool] = (),
-                       constants: Mapping[str, np.ndarray] | None = None,
-                       report: Callable[[Misfit], str] = default_report) -> dict:
+                       constants: Mapping[str, np.ndarray] | None = None) -> dict:
   """Builds the nested Flax params for `expected` from `state_dict`, strictly.
 
   Args:
@@ -192,7 +192,6 @@ def convert_state_dict(state_dict: Mapping[str, Any],
       else left over is an error.
     constants: names of buffers that are constants of the Flax network -> their values; each
       must be present with exactly that value.
-    report: turns what does not fit into the error message.
 
   Raises:
     ValueError naming every missing, unexpected, mis-shaped (or not floating point) entry and
