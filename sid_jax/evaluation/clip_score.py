@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image
 
 from sid_jax.nets import clip
+from sid_jax.weights import clip as clip_params
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -298,7 +299,6 @@ def load_scorer(clip_folder: str | os.PathLike, tokenizer_folder: str | os.PathL
     batch_size: images per jitted call.
     **kw: `dtype` / `precision` for the model.
   """
-  from sid_jax.weights import clip as clip_params  # pylint: disable=g-import-not-at-top
   model, params = clip_params.load_clip_model(clip_folder, **kw)
   tokenizer = load_tokenizer(tokenizer_folder if tokenizer_folder is not None else clip_folder)
   return CLIPScorer(model, params, tokenizer, protocol=protocol, batch_size=batch_size)

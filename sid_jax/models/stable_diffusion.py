@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sid_jax import checkpoints, denoisers
+from sid_jax.data import byte_tokenizer
 from sid_jax.nets import clip, sd_unet, sd_vae
 from sid_jax.weights import clip as clip_weights
 from sid_jax.weights import diffusers
@@ -95,10 +96,6 @@ class StableDiffusion:
   def latent_shape(self) -> tuple[int, int, int]:
     size = self.spec["kwargs"]["unet"].get("sample_size") or 64
     return (int(size), int(size), int(self.unet.in_channels))
-
-  @property
-  def embedding_shape(self) -> tuple[int, int]:
-    return (MAX_LENGTH, int(self.text_encoder.hidden_size))
 
   def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
     """[N, 77] int32 ids: max-length padding and truncation, as the official training code."""
@@ -196,7 +193,6 @@ def tiny_spec(*, sd2: bool = False) -> dict[str, Any]:
   """An SD-shaped model small enough for a CPU test: 8x8x4 latents, 16x16 images, a 2-layer
   text encoder on the 514-token byte-level vocabulary. `sd2` uses SD 2.x's settings (linear
   projections, head dim instead of head count, GELU text encoder, '!' padding)."""
-  from sid_jax.data import byte_tokenizer  # pylint: disable=g-import-not-at-top
   unet = {
       "_class_name": "UNet2DConditionModel", "sample_size": 8, "in_channels": 4,
       "out_channels": 4, "layers_per_block": 1, "block_out_channels": [32, 64],
@@ -263,7 +259,6 @@ def reference_spec(name: str) -> dict[str, Any]:
 
 def tiny_tokenizer_dir(spec: dict[str, Any]) -> str:
   """A byte-level tokenizer folder for a tiny spec (written once per process, in /tmp)."""
-  from sid_jax.data import byte_tokenizer  # pylint: disable=g-import-not-at-top
   pad = spec["kwargs"].get("pad_token", byte_tokenizer.EOS)
   directory = os.path.join(tempfile.gettempdir(), "sid_jax_tiny_tokenizer",
                            "bang" if pad == "!" else "eos")
@@ -332,10 +327,3 @@ def load(directory: str, *, dtype=jnp.float32, remat: bool = False
   abstract = abstract_params(sd)
   params = checkpoints.load_network_params(directory, abstract)
   return sd, params
-
-
-def with_unet(spec: dict[str, Any], **changes) -> dict[str, Any]:
-  """A copy of `spec` with UNet config entries changed."""
-  out = copy.deepcopy(spec)
-  out["kwargs"]["unet"].update(changes)
-  return out
