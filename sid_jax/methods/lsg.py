@@ -13,7 +13,7 @@ training loop:
   micro-batch inside the step (`steps.Conditioning`); the empty prompt's embedding is computed once;
 * sampling is `generators.TextToImageGenerator`.
 
-`config.method = 'sid_lsg'` selects it (configs/sd15_lsg.py, configs/sd21base_lsg.py).
+`config.method = 'sid_lsg'` selects it (configs/sid_lsg.py:teacher=sd15|sd21base,kappa=K).
 """
 
 from __future__ import annotations
