@@ -32,18 +32,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import sys
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from absl import app, flags, logging
 import jax
+import ml_collections
 import numpy as np
 
+from sid_jax import checkpoints, images
+from sid_jax import run as run_lib
+from sid_jax.data import prompts as prompts_lib
 from sid_jax.evaluation import clip_score
 from sid_jax.evaluation import features as features_lib
 from sid_jax.evaluation import metrics as metrics_lib
 from sid_jax.evaluation import protocols
+from sid_jax.evaluation.sources import (ImageSource, SourceError, folder_source, npz_source,
+                                        tfds_source)
 
 # Flags live in their own FlagValues, so evaluation can be run in-process (tests, notebooks) next
 # to other absl programs; absl's own flags (--verbosity, ...) are parsed by app.run as usual.
@@ -107,7 +112,6 @@ _ = flags.DEFINE_string("json_out", None, "Also append the JSON line to this fil
 COMMANDS = ("evaluate", "make-ref")
 INCEPTION_METRICS = ("fid", "is", "pr", "kid")
 KNOWN_METRICS = INCEPTION_METRICS + ("clip", "gmm")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # What `sid_jax.convert.clip_params.read_state_dict` looks for, and the slow CLIPTokenizer's files.
 CLIP_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                      "pytorch_model.bin.index.json")
@@ -118,197 +122,11 @@ class EvaluationError(ValueError):
   """A setting or input that cannot be evaluated; the message says what to change."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Image sources: each yields uint8 [n, H, W, C] batches, C as stored (1 or 3).
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class ImageSource:
-  kind: str
-  path: str
-  num: int
-  image_shape: tuple[int, int, int]
-  batches: Callable[[int], Iterator[np.ndarray]]
-  notes: list[str] = dataclasses.field(default_factory=list)
-  extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-  def __post_init__(self):
-    channels = self.image_shape[-1]
-    if channels not in (1, 3):
-      raise EvaluationError(f"{self.kind} {self.path}: images have {channels} channels "
-                            f"(shape {self.image_shape}); the detector takes 1 (grey) or 3 (RGB).")
-    if channels == 1:
-      self.notes.append("1-channel images repeated to 3 channels before the detector")
-
-  def rgb_batches(self, size: int) -> Iterator[np.ndarray]:
-    for batch in self.batches(size):
-      yield np.repeat(batch, 3, axis=-1) if batch.shape[-1] == 1 else batch
-
-  def describe(self) -> dict[str, Any]:
-    return {"kind": self.kind, "path": self.path, "num": self.num,
-            "image_shape": list(self.image_shape), "notes": list(self.notes), **self.extra}
-
-
-def _take_count(available: int, num: int | None, what: str) -> int:
-  if available == 0:
-    raise EvaluationError(f"{what} holds no images.")
-  if num is None:
-    return available
-  if num <= 0 or num > available:
-    raise EvaluationError(f"--num={num}, but {what} holds {available} images.")
-  return num
-
-
-def npz_source(path: str, num: int | None) -> ImageSource:
-  """uint8 images from an .npz ('arr_0' or 'images'), NHWC or NCHW (detected, and noted)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"--npz {path!r} does not exist.")
-  with np.load(path, allow_pickle=False) as z:
-    keys = [k for k in ("arr_0", "images") if k in z.files]
-    if not keys:
-      raise EvaluationError(f"{path} has no 'arr_0' or 'images' entry (it has {z.files}).")
-    array = z[keys[0]]
-  notes = []
-  if array.dtype != np.uint8:
-    raise EvaluationError(f"{path}['{keys[0]}'] is {array.dtype}; expected uint8 images "
-                          "(0..255).")
-  if array.ndim != 4:
-    raise EvaluationError(f"{path}['{keys[0]}'] has shape {array.shape}; expected 4-d uint8 "
-                          "images, NHWC or NCHW.")
-  if array.shape[-1] in (1, 3):
-    notes.append(f"'{keys[0]}' read as NHWC {array.shape}")
-  elif array.shape[1] in (1, 3):
-    notes.append(f"'{keys[0]}' detected as NCHW {array.shape}, transposed to NHWC")
-    array = np.transpose(array, (0, 2, 3, 1))
-  else:
-    raise EvaluationError(f"{path}['{keys[0]}'] has shape {array.shape}: neither NHWC nor NCHW "
-                          "with 1 or 3 channels.")
-  n = _take_count(array.shape[0], num, path)
-  array = array[:n]
-
-  def batches(size):
-    for start in range(0, n, size):
-      yield array[start:start + size]
-
-  return ImageSource("npz", os.path.abspath(path), n, tuple(array.shape[1:]), batches, notes)
-
-
-def _read_image(path: str) -> np.ndarray:
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  with Image.open(path) as im:
-    if im.mode not in ("L", "RGB"):
-      raise EvaluationError(f"{path}: image mode {im.mode!r}; expected 'L' (grey) or 'RGB'.")
-    array = np.asarray(im, np.uint8)
-  return array[..., None] if array.ndim == 2 else array
-
-
-_DIGIT_RUN = re.compile(r"(\d+)")
-
-
-def natural_key(path: str) -> tuple[tuple[str | int, ...], str]:
-  """Sort key comparing the digit runs of `path` as numbers: 'img2.png' before 'img10.png'.
-
-  Zero-padded names ('000123.png', as EDM's and SiD's generators write them) keep their plain
-  string order; `path` itself breaks ties ('01' vs '1').
-  """
-  parts = _DIGIT_RUN.split(path)  # text, digits, text, ...: the same types at the same positions
-  return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), path
-
-
-def folder_source(directory: str, num: int | None) -> ImageSource:
-  """Images from a folder (recursively, natural-sorted by relative path); one size and mode."""
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"--images {directory!r} is not a directory.")
-  files = []
-  for root, _, names in os.walk(directory):
-    files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
-  files.sort(key=lambda p: natural_key(os.path.relpath(p, directory)))
-  n = _take_count(len(files), num, f"--images {directory}")
-  files = files[:n]
-  shape = _read_image(files[0]).shape
-
-  def batches(size):
-    for start in range(0, n, size):
-      batch = []
-      for path in files[start:start + size]:
-        image = _read_image(path)
-        if image.shape != shape:
-          raise EvaluationError(f"{path} has shape {image.shape}, but {files[0]} has {shape}; "
-                                "all images must have one size and mode.")
-        batch.append(image)
-      yield np.stack(batch)
-
-  return ImageSource("images", os.path.abspath(directory), n, tuple(shape), batches)
-
-
-def tfds_source(spec: str, data_dir: str | None, image_key: str,
-                num: int | None) -> ImageSource:
-  """Images of a prepared TFDS dataset `NAME:SPLIT`, read offline from `data_dir`."""
-  name, sep, split = spec.partition(":")
-  if not sep or not name or not split:
-    raise EvaluationError(f"--tfds must be NAME:SPLIT, got {spec!r}.")
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except Exception as e:  # pylint: disable=broad-except
-    raise EvaluationError(f"TFDS dataset {name!r} not found under --data_dir={data_dir!r} "
-                          f"(offline: prepare it first): {e}") from e
-  if not builder.is_prepared():
-    raise EvaluationError(f"TFDS dataset {name!r} is not prepared under --data_dir="
-                          f"{data_dir!r}; nothing is downloaded here.")
-  if split not in builder.info.splits:
-    raise EvaluationError(f"TFDS dataset {name!r} has splits {list(builder.info.splits)}, not "
-                          f"{split!r}.")
-  if image_key not in builder.info.features:
-    raise EvaluationError(f"TFDS dataset {name!r} has features {list(builder.info.features)}; "
-                          f"no --image_key={image_key!r}.")
-  n = _take_count(builder.info.splits[split].num_examples, num, f"--tfds {spec}")
-  shape = tuple(builder.info.features[image_key].shape)
-
-  def examples():
-    try:
-      source = builder.as_data_source(split=split)
-      for i in range(n):
-        yield source[i][image_key]
-    except NotImplementedError:  # tfrecord files: read through tf.data instead
-      ds = builder.as_dataset(split=split, shuffle_files=False, decoders=None)
-      for i, example in enumerate(tfds.as_numpy(ds)):
-        if i >= n:
-          break
-        yield example[image_key]
-
-  def batches(size):
-    batch = []
-    for image in examples():
-      image = np.asarray(image)
-      image = image[..., None] if image.ndim == 2 else image
-      if image.dtype != np.uint8:
-        raise EvaluationError(f"--tfds {spec}: {image_key!r} is {image.dtype}, expected uint8.")
-      batch.append(image)
-      if len(batch) == size:
-        yield np.stack(batch)
-        batch = []
-    if batch:
-      yield np.stack(batch)
-
-  if None in shape:
-    first = np.asarray(next(examples()))
-    shape = first.shape if first.ndim == 3 else first.shape + (1,)
-  elif len(shape) == 2:
-    shape = shape + (1,)
-  notes = [f"the first {n} examples in the split's stored order"] if (
-      n < builder.info.splits[split].num_examples) else []
-  return ImageSource("tfds", f"{name}:{split}", n, tuple(shape), batches, notes,
-                     extra={"data_dir": data_dir})
-
-
 @dataclasses.dataclass
 class CheckpointGenerator:
   """The EMA generator of a training checkpoint, ready to sample."""
-  run: Any
+  run: Any  # run.Run rebuilt from the checkpoint's config
   params: Any
-  sample_fn: Callable
   step: int
   directory: str
 
@@ -322,8 +140,6 @@ def _checkpoint_dir(path: str) -> str:
 
 def restore_generator(path: str, step: int | None = None) -> CheckpointGenerator:
   """Rebuilds the run from the checkpoint's own config and restores its EMA generator."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from sid_jax import checkpoints, sharding, steps, train  # pylint: disable=g-import-not-at-top
   directory = _checkpoint_dir(path)
   ckpt = checkpoints.Checkpointer(directory, every_steps=1, keep=None, async_save=False)
   try:
@@ -344,39 +160,31 @@ def restore_generator(path: str, step: int | None = None) -> CheckpointGenerator
           f"{directory} is a SiD-LSG (text-to-image) run: its samples need prompts. Generate "
           "them with `python -m sid_jax.sample --workdir RUN --prompts CAPTIONS --outdir OUT` "
           "and evaluate with --images OUT (--metrics fid,clip --captions CAPTIONS).")
-    run = train.build_run(config)
-    abstract_state = jax.eval_shape(lambda p: steps.init_state(run.setup, p, p),
-                                    run.init_params)
-    abstract = {
-        "state": jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abstract_state, run.state_shardings),
-        "rng": jax.ShapeDtypeStruct((2,), np.uint32, sharding=sharding.replicated(run.mesh)),
-    }
-    restored, _ = ckpt.restore(step, abstract, config.to_dict())
+    run = run_lib.build_run(config)
+    restored, _ = ckpt.restore(step, run_lib.abstract_checkpoint(run), config.to_dict())
   finally:
     ckpt.close()
-  return CheckpointGenerator(run=run, params=restored["state"].generator_ema,
-                             sample_fn=train.make_sampler(run), step=step, directory=directory)
+  return CheckpointGenerator(run=run, params=restored["state"].generator_ema, step=step,
+                             directory=directory)
 
 
 def checkpoint_source(gen: CheckpointGenerator, num: int, seed: int) -> ImageSource:
-  """`num` samples of the EMA generator from `train.fixed_inputs(seed)`, exported as uint8."""
-  from sid_jax import images, train  # pylint: disable=g-import-not-at-top
+  """`num` samples of the EMA generator from seeds seed..seed+num-1, exported as uint8."""
   run = gen.run
-  z, labels, _ = train.fixed_inputs(run, seed, num)
+  seeds = run_lib.eval_seeds(seed, num)
   chunk = run.config.eval.batch
 
   def batches(size):
-    del size  # the sampler's batch is config.eval.batch
-    for start in range(0, num, chunk):
-      lb = None if labels is None else labels[start:start + chunk]
-      x = train.generate(gen.sample_fn, gen.params, z[start:start + chunk], lb, chunk)
+    del size  # the generator's batch is config.eval.batch
+    for _, x, _ in run.generator.batches(seeds, params=gen.params, batch=chunk):
       yield images.to_uint8(x)
 
   extra = {"step": gen.step, "generator": "EMA",
-           "inputs": f"train.fixed_inputs(seed={seed}): z ~ N(0, I) (scaled by "
-                     f"sid.sigma_init={run.config.sid.sigma_init} in the generator), "
-                     + ("uniform random labels" if labels is not None else "unconditional"),
+           "inputs": f"seeds {seed}..{seed + num - 1} (generators.Generator: z = "
+                     f"normal(key(seed)), scaled by sid.sigma_init={run.config.sid.sigma_init} "
+                     "in the generator; "
+                     + ("class = randint(fold_in(key(seed), 1)))" if run.setup.label_dim
+                        else "unconditional)"),
            "to_uint8": "clip(x * 127.5 + 128, 0, 255) truncated (the official export)",
            "teacher": run.teacher.info}
   return ImageSource("checkpoint", gen.directory, num, tuple(run.setup.image_shape), batches,
@@ -418,23 +226,11 @@ class ClipInputs:
 
 
 def read_captions(path: str) -> list[str]:
-  """The captions of a UTF-8 text file, one per line.
-
-  Line ends (\\n, \\r\\n, \\r) are removed and the file's final line end does not start an empty
-  caption; an empty line inside the file is an empty caption (it still pairs with an image). A
-  UTF-8 byte order mark is dropped.
-
-  Raises:
-    EvaluationError: for a file that is not UTF-8 text.
-  """
+  """`--captions`: `prompts.read_prompt_lines` (the reader of `sid_jax.sample --prompts` too)."""
   try:
-    with open(path, encoding="utf-8-sig") as f:
-      lines = f.read().split("\n")
-  except UnicodeDecodeError as e:
-    raise EvaluationError(f"--captions {path} is not UTF-8 text: {e}.") from None
-  if lines[-1] == "":
-    lines.pop()
-  return lines
+    return prompts_lib.read_prompt_lines(path)
+  except ValueError as e:  # not UTF-8: the message names the file and the line
+    raise EvaluationError(f"--captions {e}") from None
 
 
 def check_clip_inputs(kind: str) -> ClipInputs:
@@ -732,8 +528,7 @@ def evaluate_command() -> dict[str, Any]:
     results.append(clip_result(clip_inputs, source, captions, FLAGS.batch))
 
   if "gmm" in metrics:
-    from sid_jax import train  # pylint: disable=g-import-not-at-top
-    values = train.evaluate(gen.run, gen.sample_fn, gen.params)
+    values = run_lib.evaluate(gen.run, gen.params)
     p = protocols.get(protocols.DEFAULT_FOR_METRIC["gmm"]).derive(
         num_samples=gen.run.config.eval.num_samples)
     results.append({"metric": "gmm", **values, **p.fields(),
@@ -833,7 +628,10 @@ def execute(args: list[str]) -> dict[str, Any]:
   if len(args) > 1 or (args and args[0] not in COMMANDS):
     raise EvaluationError(f"Unexpected arguments {args}; the only subcommand is make-ref.")
   command = args[0] if args else "evaluate"
-  record = make_ref_command() if command == "make-ref" else evaluate_command()
+  try:
+    record = make_ref_command() if command == "make-ref" else evaluate_command()
+  except SourceError as e:  # an input the sources cannot read: the same message, the CLI's type
+    raise EvaluationError(str(e)) from e
   if jax.process_index() == 0:
     line = json.dumps(record, default=str)
     print(line)

@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 from sid_jax import evaluate
 from sid_jax.weights import clip as clip_params
 from sid_jax.weights import readers
-from sid_jax.evaluation import clip_score, protocols
+from sid_jax.evaluation import clip_score, protocols, sources
 from sid_jax.nets import clip
 from tests import tiny_tokenizer
 
@@ -460,7 +460,7 @@ def test_read_captions_and_natural_order(tmp_path):
   with pytest.raises(evaluate.EvaluationError, match="--captions .* not UTF-8"):
     evaluate.read_captions(str(path))
   names = ["b/img10.png", "a/img2.png", "b/img9.png", "img01.png", "img1.png", "a/img10.png"]
-  assert sorted(names, key=evaluate.natural_key) == [
+  assert sorted(names, key=sources.natural_key) == [
       "a/img2.png", "a/img10.png", "b/img9.png", "b/img10.png", "img01.png", "img1.png"]
 
 

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from sid_jax import evaluate, sharding, train
+from sid_jax import run as run_lib
 from sid_jax.evaluation import features, metrics, protocols
 from tests import configs_util
 from tests.test_metrics import _random_inception_state_dict
@@ -384,6 +385,6 @@ def test_eval_every_kimg_sets_the_cadence():
   config = configs_util.load("gmm_sid.py", "tiny", **{"eval.every_kimg": 0.256,
                                                       "training.global_batch": 64,
                                                       "training.micro_batch": 64})
-  assert train.eval_every_steps(config) == 4
+  assert run_lib.eval_every_steps(config) == 4
   config.eval.every_kimg = 0.0
-  assert train.eval_every_steps(config) == config.eval.every_steps
+  assert run_lib.eval_every_steps(config) == config.eval.every_steps

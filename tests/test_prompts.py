@@ -50,7 +50,11 @@ def test_text_file_lines_read_back_exactly(tmp_path, monkeypatch):
   assert len(src) == len(TRICKY_LINES)
   assert src.next_batch(len(TRICKY_LINES)) == TRICKY_LINES
   assert src.next_batch(len(TRICKY_LINES)) == TRICKY_LINES  # Epoch 1 is the identity too.
-  assert prompts.read_prompt_lines(path) == TRICKY_LINES
+  # The whole-file reader with errors='replace' reads what the training stream reads; by default
+  # it refuses the invalid byte, naming the file and the line.
+  assert prompts.read_prompt_lines(path, errors="replace") == TRICKY_LINES
+  with pytest.raises(ValueError, match=r"tricky.txt, line 6: not UTF-8"):
+    prompts.read_prompt_lines(path)
   # A final newline does not add a prompt; a lone newline is one empty prompt.
   assert prompts.read_prompt_lines(_write(tmp_path / "a.txt", b"x\n\ny\n")) == ["x", "", "y"]
   assert len(prompts.PromptSource(str(tmp_path / "a.txt"), seed=0)) == 3
@@ -305,3 +309,28 @@ def test_array_record_source(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, name, None)
   with pytest.raises(ImportError, match="array_record"):
     prompts.PromptSource(path, seed=0)
+
+
+def test_sample_prompts_and_evaluate_captions_are_read_by_one_function(tmp_path, monkeypatch):
+  """`sid_jax.sample --prompts` and `sid_jax.evaluate --captions` read a file the same way: one
+  entry per line, LF or CRLF, a leading BOM dropped, empty lines kept (line i = seed i = image i),
+  no extra entry for the final newline, a lone CR kept inside its line, strict UTF-8."""
+  from sid_jax import evaluate  # pylint: disable=g-import-not-at-top
+  path = _write(tmp_path / "captions.txt", "\ufeffa cat\r\n\r\n  two dogs \nin\rside\r\n日本\r\n"
+                .encode("utf-8"))
+  expected = ["a cat", "", "  two dogs ", "in\rside", "日本"]
+  calls = []
+  reader = prompts.read_prompt_lines
+
+  def spy(*args, **kwargs):
+    calls.append(args)
+    return reader(*args, **kwargs)
+
+  monkeypatch.setattr(prompts, "read_prompt_lines", spy)
+  assert prompts.read_prompt_lines(path) == evaluate.read_captions(path) == expected
+  assert calls == [(path,), (path,)]  # evaluate's path goes through the same function
+  bad = _write(tmp_path / "bad.txt", b"ok\r\n\r\nbad \xff\r\n")
+  with pytest.raises(ValueError, match=r"bad.txt, line 3: not UTF-8"):
+    prompts.read_prompt_lines(bad)
+  with pytest.raises(evaluate.EvaluationError, match=r"--captions .*bad.txt, line 3: not UTF-8"):
+    evaluate.read_captions(bad)

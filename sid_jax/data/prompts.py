@@ -11,7 +11,9 @@ run seed. `PromptSource` reproduces that contract for a multi-host JAX run:
   strings: one streaming pass records the byte offset at which every line starts (a numpy int64
   array, 8 bytes a line, ~100 MB for 12M lines), cached beside the file as `<file>.idx.npy` and
   keyed by the file's size and mtime (kept in memory when the directory is not writable); lines
-  are then read by seeking. Alternatively a prepared TensorFlow Datasets split
+  are then read by seeking. `read_prompt_lines` (a whole file at once: the prompts to sample, the
+  captions to score) splits lines by the same rule but stops, naming the file and line, at bytes
+  that are not UTF-8. Alternatively a prepared TensorFlow Datasets split
   (`tfds:NAME[/CONFIG]:SPLIT[:FEATURE]`, read whole into memory) or an `.array_record` file (one
   UTF-8 prompt a record, random access).
 * **Order.** An infinite sequence of epochs; epoch `e` is the permutation of all `N` prompt indices
@@ -59,13 +61,13 @@ _FEATURE_RE = re.compile(r"[A-Za-z_][\w./-]*")
 # ---------------------------------------------------------------------------------------------
 
 
-def _decode_line(raw: bytes) -> str:
+def _decode_line(raw: bytes, errors: str = "replace") -> str:
   """A prompt from the raw bytes of one line (its newline included or not)."""
   if raw.endswith(b"\n"):
     raw = raw[:-1]
   if raw.endswith(b"\r"):
     raw = raw[:-1]
-  return raw.decode("utf-8", errors="replace")
+  return raw.decode("utf-8", errors=errors)
 
 
 def _check_file(path: str) -> None:
@@ -75,21 +77,31 @@ def _check_file(path: str) -> None:
     raise FileNotFoundError(f"Prompt source is not a regular file: {path}")
 
 
-def read_prompt_lines(path: str) -> list[str]:
-  """All prompts of a (small) prompt file, in order, e.g. the prompts to sample at eval time.
+def read_prompt_lines(path: str, *, errors: str = "strict") -> list[str]:
+  """All prompts (or captions) of a text file, in order: line i is entry i.
 
-  Lines are split on `'\\n'` only and lose their `'\\n'` or `'\\r\\n'`; empty lines are kept as
-  empty prompts; a final newline does not start an extra prompt; invalid UTF-8 is replaced; a
-  leading byte order mark is dropped. This matches what `PromptSource` reads from the same file.
+  The one reader of a whole prompt or caption file (`sid_jax.sample --prompts`, where seed s
+  takes line s, and `sid_jax.evaluate --captions`, where image i pairs with line i):
+
+  * lines end at `'\\n'`; a line loses its `'\\n'` or `'\\r\\n'` (so LF and CRLF files read
+    alike), nothing else is stripped, and a lone `'\\r'` stays inside its line;
+  * empty lines are kept as empty prompts, so line numbers never shift; a final newline does not
+    start an extra, empty entry; an empty file has no entries;
+  * a UTF-8 byte order mark at the start of the file is dropped;
+  * text must be UTF-8: with `errors='strict'` (the default) a line that is not raises a
+    ValueError naming the file and the line number. `errors='replace'` reads every line exactly
+    as `PromptSource` (the training stream, which replaces invalid bytes by U+FFFD) does.
 
   Args:
     path: the text file.
+    errors: 'strict' or 'replace' (how bytes that are not UTF-8 are handled).
 
   Returns:
     The prompts, one per line.
 
   Raises:
     FileNotFoundError: if `path` does not exist.
+    ValueError: for a line that is not UTF-8 (errors='strict').
   """
   _check_file(path)
   with open(path, "rb") as f:
@@ -101,7 +113,14 @@ def read_prompt_lines(path: str) -> list[str]:
   lines = data.split(b"\n")
   if data.endswith(b"\n"):
     lines.pop()
-  return [_decode_line(line) for line in lines]
+  out = []
+  for number, line in enumerate(lines, start=1):
+    try:
+      out.append(_decode_line(line, errors))
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{path}, line {number}: not UTF-8 text ({e.reason} at byte {e.start} of "
+                       "the line); save the file as UTF-8.") from None
+  return out
 
 
 # ---------------------------------------------------------------------------------------------
