@@ -40,15 +40,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from sid_jax import checkpoints, images
+from sid_jax import checkpoints, cli, images, sharding
 from sid_jax import run as run_lib
 from sid_jax.data import prompts as prompts_lib
 from sid_jax.evaluation import clip_score
 from sid_jax.evaluation import features as features_lib
 from sid_jax.evaluation import metrics as metrics_lib
 from sid_jax.evaluation import protocols
+from sid_jax.nets import clip
 from sid_jax.evaluation.sources import (ImageSource, SourceError, folder_source, npz_source,
                                         tfds_source)
+from sid_jax.weights import clip as clip_params
 
 # Flags live in their own FlagValues, so evaluation can be run in-process (tests, notebooks) next
 # to other absl programs; absl's own flags (--verbosity, ...) are parsed by app.run as usual.
@@ -98,7 +100,8 @@ _ = flags.DEFINE_string("clip_protocol", clip_score.PROTOCOLS[0], "--metrics cli
                         "to the model's size); 'plain' = the in-training metric (protocol "
                         "clip-plain: no prefix, bicubic straight to the model's size).",
                         flag_values=FLAGS)
-_ = flags.DEFINE_integer("seed", 0, "--checkpoint: seed of the fixed latents and labels.",
+_ = flags.DEFINE_integer("seed", 0, "--checkpoint: the first seed (images use seeds seed..seed+num-1, "
+                         "as `sid_jax.sample --seeds` and the in-loop evaluation).",
                          flag_values=FLAGS)
 _ = flags.DEFINE_integer("step", None, "--checkpoint: which step (default: the latest).",
                          flag_values=FLAGS)
@@ -245,8 +248,6 @@ def check_clip_inputs(kind: str) -> ClipInputs:
   Raises:
     EvaluationError: naming the flag to change.
   """
-  from sid_jax.weights import clip as clip_params  # pylint: disable=g-import-not-at-top
-  from sid_jax.nets import clip  # pylint: disable=g-import-not-at-top
   if kind == "checkpoint":
     raise EvaluationError(
         "--metrics clip does not take --checkpoint: a SiD training checkpoint stores no captions "
@@ -401,12 +402,10 @@ def _load_detector(path: str | None, mesh, batch: int) -> tuple[features_lib.Inc
 
 
 def _default_mesh():
-  from sid_jax import sharding  # pylint: disable=g-import-not-at-top
   return sharding.make_mesh({"data": -1, "fsdp": 1})
 
 
 def _check_batch(batch: int, mesh) -> None:
-  from sid_jax import sharding  # pylint: disable=g-import-not-at-top
   shards = sharding.batch_size_divisor(mesh)
   if batch <= 0 or batch % shards:
     raise EvaluationError(f"--batch={batch} must be a positive multiple of the {shards} devices.")
@@ -653,25 +652,11 @@ def run(argv: list[str]) -> dict[str, Any]:
   return execute(FLAGS(list(argv)))
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """app.run's parser: this module's flags, then absl's own (--verbosity, ...)."""
-  if any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull") for a in argv[1:]):
-    print(__doc__)
-    print(FLAGS.get_help())
-    sys.exit(0)
-  return flags.FLAGS(FLAGS(argv, known_only=True))
-
-
 def main(argv: list[str]) -> None:
   if os.environ.get("SID_JAX_DISTRIBUTED", "0") == "1":
     jax.distributed.initialize()
-  try:
-    execute(argv)
-  except (EvaluationError, FileNotFoundError, ValueError) as e:
-    logging.debug("Evaluation stopped:", exc_info=True)  # the traceback, with --verbosity=1
-    print(f"sid_jax.evaluate: error: {e}", file=sys.stderr)
-    sys.exit(2)
+  cli.report_errors("sid_jax.evaluate", lambda: execute(argv))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parser(FLAGS, __doc__))
