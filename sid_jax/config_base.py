@@ -115,7 +115,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.training.num_steps = 1000
   c.training.max_nonfinite_steps = 10
 
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+  # Axes `data` and `fsdp` (-1: the remaining devices); parameters, gradients, EMA and optimiser
+  # states with at least `fsdp_min_size` elements are split over `fsdp` (0: every leaf whose
+  # shape allows it).
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "fsdp_min_size": 2**18})
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500

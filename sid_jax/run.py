@@ -34,6 +34,7 @@ METHODS = tuple(methods.ASSEMBLERS)
 def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   t, o, d = config.training, config.optim, config.data
   shards = int(np.prod(sharding.mesh_shape(dict(config.mesh), num_devices)))
+  sharding.fsdp_min_size(config.mesh)
   if config.method not in METHODS:
     raise ValueError(f"config.method={config.method!r} is not supported; expected one of "
                      f"{', '.join(METHODS)}.")
@@ -102,6 +103,7 @@ def build_run(config: ml_collections.ConfigDict, devices=None) -> Run:
   devices = list(jax.devices() if devices is None else devices)
   check_config(config, len(devices))
   mesh = sharding.make_mesh(dict(config.mesh), devices)
+  min_size = sharding.fsdp_min_size(config.mesh)
   a = methods.ASSEMBLERS[config.method](config)
   d = config.data
   if (d.resolution, d.resolution, d.channels) != tuple(a.image_shape):
@@ -123,8 +125,8 @@ def build_run(config: ml_collections.ConfigDict, devices=None) -> Run:
   feed = a.make_feed(mesh, setup.num_micro, setup.micro_batch) if a.make_feed else None
   return Run(config=config, mesh=mesh, teacher=a.teacher, setup=setup, student_spec=a.spec,
              init_params=a.init_params,
-             state_shardings=sharding.param_shardings(mesh, abstract_state),
-             teacher_shardings=sharding.param_shardings(mesh, a.teacher.params),
+             state_shardings=sharding.param_shardings(mesh, abstract_state, min_size),
+             teacher_shardings=sharding.param_shardings(mesh, a.teacher.params, min_size),
              generator=a.make_generator(mesh), sampling_params=a.sampling_params,
              export=a.export, feed=feed)
 

@@ -16,11 +16,14 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = MESH_AXES  # A batch dimension is split over every mesh axis.
+# config.mesh also holds this setting: leaves with fewer elements stay replicated over `fsdp`.
+FSDP_MIN_SIZE_KEY = "fsdp_min_size"
+FSDP_MIN_SIZE = 2**18
 
 
 def mesh_shape(axes: dict[str, int], num_devices: int) -> tuple[int, ...]:
   """Resolves one -1 entry to use all remaining devices; validates the product."""
-  unknown = [name for name in axes if name not in MESH_AXES]
+  unknown = [name for name in axes if name not in MESH_AXES + (FSDP_MIN_SIZE_KEY,)]
   if unknown:
     raise ValueError(f"config.mesh has unknown axes {unknown}; expected {list(MESH_AXES)}.")
   sizes = [int(axes.get(name, 1)) for name in MESH_AXES]
@@ -73,8 +76,18 @@ def fsdp_spec(shape: Sequence[int], fsdp: int, min_size: int) -> P:
   return P()
 
 
-def param_shardings(mesh: Mesh, abstract_tree: Any, min_size: int = 2**18) -> Any:
-  """NamedShardings for a pytree of parameters or optimiser state (shapes only are read)."""
+def fsdp_min_size(config_mesh) -> int:
+  """`config.mesh.fsdp_min_size` (default 2^18): the smallest leaf split over `fsdp`."""
+  value = int(dict(config_mesh).get(FSDP_MIN_SIZE_KEY, FSDP_MIN_SIZE))
+  if value < 0:
+    raise ValueError(f"config.mesh.{FSDP_MIN_SIZE_KEY} must be >= 0, got {value}.")
+  return value
+
+
+def param_shardings(mesh: Mesh, abstract_tree: Any, min_size: int = FSDP_MIN_SIZE) -> Any:
+  """NamedShardings for a pytree of parameters or optimiser state (shapes only are read): each
+  leaf of at least `min_size` elements is split over `fsdp` along its largest dimension that
+  `fsdp` divides; the others stay replicated."""
   fsdp = mesh.shape["fsdp"]
 
   def one(x):

@@ -96,7 +96,7 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str, *, devices=No
   tx = optim.adam(schedule, tt.b1, tt.b2, tt.eps)
   state = TeacherState(step=jnp.zeros([], jnp.int32), params=params,
                        ema=jax.tree.map(jnp.copy, params), opt=tx.init(params))
-  state_sh = sharding.param_shardings(mesh, state)
+  state_sh = sharding.param_shardings(mesh, state, sharding.fsdp_min_size(config.mesh))
   repl = sharding.replicated(mesh)
   state = jax.device_put(state, state_sh)
   data_x, data_y = jax.device_put((jnp.asarray(x), jnp.asarray(y)), repl)
