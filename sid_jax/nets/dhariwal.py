@@ -3,7 +3,9 @@
 Field names are the official constructor arguments; submodule names follow the official
 `state_dict` (torch `enc.32x32_block0.conv0` is `enc_32x32_block0/conv0` here). Outputs as in
 `sid_jax.nets.songunet`: 'decoder' (F), 'encoder' (SiDA logits [B, h, w, 1], decoder not run) or
-'encoder_decoder' ((F, logits) from one pass).
+'encoder_decoder' ((F, logits) from one pass). Precision as in SongUNet: `dtype` (None: the
+input's) is the compute dtype of the image path; the embedding stays float32, outputs come back in
+the input's dtype.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sid_jax.nets import layers
-from sid_jax.nets.songunet import LayerSpec, check_output, drop_labels, layout_buffers
+from sid_jax.nets.songunet import (LayerSpec, check_output, drop_labels, layout_buffers,
+                                    to_compute)
 
 Array = jax.Array
 
@@ -37,6 +40,7 @@ class DhariwalUNet(nn.Module):
   dropout: float = 0.10
   label_dropout: float = 0.0
   precision: Any = layers.DEFAULT_PRECISION
+  dtype: Any = None  # Compute dtype of the image path (None: the input's).
 
   @property
   def emb_channels(self) -> int:
@@ -126,6 +130,8 @@ class DhariwalUNet(nn.Module):
     check_output(output)
     enc, dec = self.layout()
     emb = self._embedding(noise_labels, class_labels, augment_labels, train)
+    out_dtype = x.dtype
+    x = to_compute(x, self.dtype)
 
     skips = []
     for spec in enc:
@@ -137,7 +143,8 @@ class DhariwalUNet(nn.Module):
         x = self._block(spec, name)(x, emb, train)
       skips.append(x)
 
-    logits = jnp.mean(x, axis=-1, keepdims=True) if output != "decoder" else None
+    logits = (jnp.mean(x.astype(out_dtype), axis=-1, keepdims=True)
+              if output != "decoder" else None)
     if output == "encoder":
       return logits
 
@@ -147,7 +154,7 @@ class DhariwalUNet(nn.Module):
       x = self._block(spec, f"dec_{spec.name}")(x, emb, train)
     x = layers.GroupNorm(name="out_norm")(x)
     x = layers.Conv2d(self.out_channels, 3, init=_INIT_ZERO, precision=self.precision,
-                      name="out_conv")(nn.silu(x))
+                      name="out_conv")(nn.silu(x)).astype(out_dtype)
     if output == "decoder":
       return x
     return x, logits

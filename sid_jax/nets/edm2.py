@@ -25,6 +25,12 @@ weight normalisation), so outputs never depend on a weight's per-output-channel 
 in-place projection that EDM2 applies before train-mode forwards is the pure function
 `project_mpconv_weights(params)`; calling it before a step and then running the forward reproduces
 the official train-mode computation exactly, which normalises the already projected weight again.
+
+Precision. Parameters stay float32. `dtype` (None: the input's dtype) is the compute dtype of the
+U-Net's image path, EDM2's `use_fp16` scheme with `dtype` in place of float16: the input is cast to
+it, every MPConv normalises its weight in float32 and casts it to `dtype`, while the noise/label
+embedding, the log-variance head, the norms and the attention softmax (float16 in the official
+code) stay float32. Outputs come back in the input's dtype.
 """
 
 from __future__ import annotations
@@ -82,15 +88,16 @@ def mp_silu(x: Array) -> Array:
 
 def mp_sum(a: Array, b: Array, t: float = 0.5) -> Array:
   """(1 - t) a + t b, divided by the norm of the blend weights."""
-  return (a + t * (b - a)) / np.sqrt((1 - t)**2 + t**2)
+  # Python floats (weakly typed) keep a bfloat16 `a` bfloat16; NumPy scalars would promote it.
+  return (a + t * (b - a)) / float(np.sqrt((1 - t)**2 + t**2))
 
 
 def mp_cat(a: Array, b: Array, axis: int = -1, t: float = 0.5) -> Array:
   """Concatenation along `axis` with both parts weighted so the result keeps unit magnitude."""
   na, nb = a.shape[axis], b.shape[axis]
   scale = np.sqrt((na + nb) / ((1 - t)**2 + t**2))
-  wa = scale / np.sqrt(na) * (1 - t)
-  wb = scale / np.sqrt(nb) * t
+  wa = float(scale / np.sqrt(na) * (1 - t))
+  wb = float(scale / np.sqrt(nb) * t)
   return jnp.concatenate([wa * a, wb * b], axis=axis)
 
 
@@ -257,8 +264,9 @@ class Block(nn.Module):
       # Official channel order of the 3C outputs: (head, channel-in-head, q/k/v).
       qkv = normalize(qkv.reshape(n, h * w, heads, ch, 3), axis=3)
       q, k, v = qkv[..., 0], qkv[..., 1], qkv[..., 2]
-      logits = jnp.einsum("nqhc,nkhc->nhqk", q, k / np.sqrt(ch), precision=_HIGHEST)
-      attn = jax.nn.softmax(logits, axis=-1)
+      logits = jnp.einsum("nqhc,nkhc->nhqk", q, k / float(np.sqrt(ch)), precision=_HIGHEST,
+                          preferred_element_type=_compute_dtype(q.dtype))
+      attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
       y = jnp.einsum("nhqk,nkhc->nqhc", attn, v, precision=_HIGHEST).reshape(n, h, w, cout)
       y = MPConv(cout, cout, (1, 1), name="attn_proj")(y)
       x = mp_sum(x, y, t=self.attn_balance)
@@ -340,6 +348,7 @@ class UNet(nn.Module):
   res_balance: float = 0.3
   attn_balance: float = 0.3
   clip_act: float | None = 256
+  dtype: Any = None  # Compute dtype of the image path (None: the input's); see the module doc.
 
   @nn.compact
   def __call__(self, x: Array, noise_labels: Array, class_labels: Array | None,
@@ -360,7 +369,7 @@ class UNet(nn.Module):
     if self.label_dim != 0:
       if class_labels is None:
         raise ValueError(f"label_dim={self.label_dim} but class_labels is None.")
-      class_labels = class_labels.astype(x.dtype)
+      class_labels = class_labels.astype(emb.dtype)
       lab = MPConv(self.label_dim, cemb, (), name="emb_label")(
           class_labels * np.sqrt(class_labels.shape[1]))
       emb = mp_sum(emb, lab, t=self.label_balance)
@@ -381,13 +390,16 @@ class UNet(nn.Module):
                    name=f"{prefix}_{key}", **block_kwargs)
 
     # Encoder (input gets an all-ones channel).
+    out_dtype = x.dtype
+    x = x if self.dtype is None else x.astype(self.dtype)
     x = jnp.concatenate([x, jnp.ones_like(x[..., :1])], axis=-1)
     skips = []
     for key, spec in enc:
       layer = make("enc", key, spec)
       x = layer(x) if spec["kind"] == "conv" else layer(x, emb, train=train)
       skips.append(x)
-    logits = jnp.mean(x, axis=-1, keepdims=True) if output != "decoder" else None
+    logits = (jnp.mean(x.astype(out_dtype), axis=-1, keepdims=True)
+              if output != "decoder" else None)
     # At init the decoder is always built so that params are complete whatever `output` is.
     if output == "encoder" and not self.is_initializing():
       return logits
@@ -398,6 +410,7 @@ class UNet(nn.Module):
         x = mp_cat(x, skips.pop(), t=self.concat_balance)
       x = make("dec", key, spec)(x, emb, train=train)
     x = MPConv(dec[-1][1]["cout"], self.img_channels, (3, 3), name="out_conv")(x, gain=out_gain)
+    x = x.astype(out_dtype)
     if output == "decoder":
       return x
     if output == "encoder":
@@ -415,7 +428,8 @@ class EDM2Net(nn.Module):
 
   `use_fp16`, `force_normalization` and `use_gan` do not change the forward; they are kept so the
   training code can read them (the last two decide when `project_mpconv_weights` applies, spec
-  §7.2). Computation is float32 (float64 for float64 input) whatever `use_fp16` says.
+  §7.2). The U-Net computes in `dtype` (None: the input's, float32 or float64) whatever `use_fp16`
+  says; the run chooses it with `config.model.compute_dtype`.
   """
   img_resolution: int
   img_channels: int
@@ -439,6 +453,7 @@ class EDM2Net(nn.Module):
   force_normalization: bool = False
   use_gan: bool = False
   class_name: str = "Precond"
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array, c_noise: Array, class_labels: Array | None = None,
@@ -458,7 +473,7 @@ class EDM2Net(nn.Module):
                 concat_balance=self.concat_balance, resample_filter=tuple(self.resample_filter),
                 channels_per_head=self.channels_per_head, dropout=self.dropout,
                 res_balance=self.res_balance, attn_balance=self.attn_balance,
-                clip_act=self.clip_act, name="unet")
+                clip_act=self.clip_act, dtype=self.dtype, name="unet")
     result = unet(x, c_noise, class_labels if self.label_dim != 0 else None, train=train,
                   output=output)
     logvar = None

@@ -7,6 +7,12 @@ The field names are the official constructor arguments. Submodules are named aft
 One call can return the denoiser output F ('decoder'), the SiDA discriminator logits
 ('encoder': the channel mean of the last encoder activation, [B, h, w, 1]) or both
 ('encoder_decoder'); the 'encoder' mode does not run the decoder.
+
+Precision. Parameters stay float32. `dtype` (None: the input's dtype) is the compute dtype of the
+image path: the input is cast to it, so every convolution casts its weights to it, while the
+noise/label embedding stays in the input's precision (float32), as does every GroupNorm's
+statistics and attention's softmax (see `sid_jax.nets.layers`). Outputs come back in the input's
+dtype. This is EDM's `use_fp16` scheme with `dtype` in place of float16.
 """
 
 from __future__ import annotations
@@ -62,6 +68,11 @@ def drop_labels(module: nn.Module, labels: Array, rate: float, train: bool) -> A
   return labels * keep.astype(labels.dtype)
 
 
+def to_compute(x: Array, dtype: Any) -> Array:
+  """`x` cast to the compute dtype `dtype` (None: unchanged)."""
+  return x if dtype is None else x.astype(dtype)
+
+
 def check_output(output: str) -> None:
   if output not in OUTPUTS:
     raise ValueError(f"Invalid output {output!r}; expected one of {OUTPUTS}.")
@@ -97,6 +108,7 @@ class SongUNet(nn.Module):
   decoder_type: str = "standard"  # 'standard' or 'skip'.
   resample_filter: Sequence[float] = (1, 1)
   precision: Any = layers.DEFAULT_PRECISION
+  dtype: Any = None  # Compute dtype of the image path (None: the input's); see the module doc.
 
   # --------------------------------------------------------------------------------------------
   # Static structure, shared by the forward pass and the checkpoint converter.
@@ -233,6 +245,8 @@ class SongUNet(nn.Module):
     check_output(output)
     enc, dec = self.layout()
     emb = self._embedding(noise_labels, class_labels, augment_labels, train)
+    out_dtype = x.dtype
+    x = to_compute(x, self.dtype)
 
     # Encoder.
     skips = []
@@ -245,7 +259,8 @@ class SongUNet(nn.Module):
         x = skips[-1] = x + self._conv(spec, name, 1, _INIT)(aux)
       elif spec.kind == "aux_residual":
         res = self._conv(spec, name, 3, _INIT, down=True, fused_resample=True)(aux)
-        x = skips[-1] = aux = (x + res) / np.sqrt(2)
+        # A Python float: a NumPy scalar would promote a bfloat16 activation to float32.
+        x = skips[-1] = aux = (x + res) / float(np.sqrt(2))
       elif spec.kind == "conv":
         x = self._conv(spec, name, 3, _INIT)(x)
         skips.append(x)
@@ -253,7 +268,8 @@ class SongUNet(nn.Module):
         x = self._block(spec, name)(x, emb, train)
         skips.append(x)
 
-    logits = jnp.mean(x, axis=-1, keepdims=True) if output != "decoder" else None
+    logits = (jnp.mean(x.astype(out_dtype), axis=-1, keepdims=True)
+              if output != "decoder" else None)
     if output == "encoder":
       return logits
 
@@ -273,6 +289,7 @@ class SongUNet(nn.Module):
         if x.shape[-1] != spec.in_channels:
           x = jnp.concatenate([x, skips.pop()], axis=-1)
         x = self._block(spec, name)(x, emb, train)
+    aux = aux.astype(out_dtype)
     if output == "decoder":
       return aux
     return aux, logits
