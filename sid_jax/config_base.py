@@ -73,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.init_from = "scratch"  # scratch | teacher
   c.model.class_name = "EDMPrecond"
   c.model.kwargs = ml_collections.ConfigDict({"model_type": "SongUNet"})
+  # Compute dtype of teacher, generator and fake score: float32 (the papers) | bfloat16 (bf16
+  # convolutions and matmuls; float32 parameters, preconditioning and normalisation statistics).
+  c.model.compute_dtype = "float32"
 
   c.sid = ml_collections.ConfigDict()
   c.sid.alpha = 1.2

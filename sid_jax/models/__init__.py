@@ -16,6 +16,11 @@ Teacher types (`config.teacher.type`):
   from `config.teacher.random_seed`, drawn so that its outputs are not trivial (the official
   initialisers zero the output layers; see `random_network_params`). It lets the `tiny` variant of
   every real config run the real code path without any file.
+
+Precision (`config.model.compute_dtype`, read only by `compute_dtype` here): 'float32' (the
+papers) or 'bfloat16', in which the teacher, generator and fake score compute their convolutions
+and matmuls in bfloat16 while every parameter stays float32 (master weights, EMA and optimiser
+states included) and the preconditioning, the skip connection and D(x) stay float32.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ from sid_jax.models import edm2 as edm2_models
 EDM_CLASSES = ("EDMPrecond", "VPPrecond", "VEPrecond", "EDMPrecond_EncoderDecoder")
 EDM2_CLASSES = ("Precond", "EDM_2_Precond_EncoderDecoder", "EDM_2_Precond_Generator")
 TEACHER_TYPES = ("gmm", "network", "random")
+# config.model.compute_dtype -> the networks' `dtype`. None keeps the input's dtype: float32 in
+# training, float64 where a test enables x64, bit-identical to networks built without a dtype.
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
 def _plain(x):
@@ -48,16 +56,25 @@ def _plain(x):
   return x
 
 
-def build_denoiser(spec: dict) -> denoisers.NetworkDenoiser:
-  """A NetworkDenoiser from a network spec (see module docstring)."""
+def compute_dtype(config: ml_collections.ConfigDict) -> Any:
+  """The networks' compute dtype for `config.model.compute_dtype` (absent: 'float32')."""
+  name = config.model.get("compute_dtype", "float32")
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"config.model.compute_dtype={name!r}; expected one of "
+                     f"{list(COMPUTE_DTYPES)}.")
+  return COMPUTE_DTYPES[name]
+
+
+def build_denoiser(spec: dict, dtype: Any = None) -> denoisers.NetworkDenoiser:
+  """A NetworkDenoiser from a network spec (see module docstring), computing in `dtype`."""
   spec = _plain(spec)
   if "class_name" not in spec or "kwargs" not in spec:
     raise ValueError(f"A network spec needs 'class_name' and 'kwargs', got keys {sorted(spec)}.")
   name = spec["class_name"]
   if name in EDM_CLASSES:
-    return edm_models.build_edm_denoiser(name, spec["kwargs"])
+    return edm_models.build_edm_denoiser(name, spec["kwargs"], dtype=dtype)
   if name in EDM2_CLASSES:
-    return edm2_models.build_edm2_denoiser(name, spec["kwargs"])
+    return edm2_models.build_edm2_denoiser(name, spec["kwargs"], dtype=dtype)
   raise ValueError(f"Unknown network class {name!r}; supported: {EDM_CLASSES + EDM2_CLASSES}.")
 
 
@@ -170,6 +187,7 @@ def _convert_hint(t: ml_collections.ConfigDict) -> str:
 def build_teacher(config: ml_collections.ConfigDict) -> Teacher:
   t, d = config.teacher, config.data
   shape = (d.resolution, d.resolution, d.channels)
+  dtype = compute_dtype(config)
   if t.type == "gmm":
     if d.label_dim not in (0, t.gmm.num_components):
       raise ValueError(f"config.data.label_dim={d.label_dim} must be 0 or "
@@ -193,7 +211,7 @@ def build_teacher(config: ml_collections.ConfigDict) -> Teacher:
           f"The teacher at {t.checkpoint!r} is {res}x{res}x{ch} with label_dim={label_dim}, but "
           f"config.data has resolution={d.resolution}, channels={d.channels}, "
           f"label_dim={d.label_dim}.")
-    den = build_denoiser(spec)
+    den = build_denoiser(spec, dtype)
     params = checkpoints.load_network_params(t.checkpoint, abstract_params(den, shape, label_dim))
     info = {"type": "network", "path": os.path.abspath(t.checkpoint),
             "sha256": checkpoints.hash_path(t.checkpoint)}
@@ -201,7 +219,7 @@ def build_teacher(config: ml_collections.ConfigDict) -> Teacher:
   if t.type == "random":
     # For tests and smoke runs only: random weights drawn on the host, no file, no compilation.
     spec = _config_spec(config)
-    den = build_denoiser(spec)
+    den = build_denoiser(spec, dtype)
     params = random_network_params(den, shape, d.label_dim, t.random_seed)
     info = {"type": "random", "path": "", "seed": int(t.random_seed),
             "sha256": checkpoints.hash_tree(params)}
@@ -226,7 +244,7 @@ def student_spec(config: ml_collections.ConfigDict, teacher: Teacher) -> dict:
 def build_students(config, teacher: Teacher, rng: jax.Array):
   """(denoiser, initial params) shared by generator and fake score (both start equal, spec §1.1)."""
   spec = student_spec(config, teacher)
-  den = build_denoiser(spec)
+  den = build_denoiser(spec, compute_dtype(config))
   if config.model.init_from == "teacher":
     return den, teacher.params, spec
   d = config.data

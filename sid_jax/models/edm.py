@@ -42,7 +42,7 @@ _MODELS = {
 # Model kwargs the precond passes itself; a user kwarg with these names is an error upstream too.
 _SET_BY_PRECOND = ("img_resolution", "in_channels", "out_channels", "label_dim")
 _SEQUENCE_FIELDS = ("channel_mult", "attn_resolutions", "resample_filter")
-_NON_MODEL_FIELDS = ("precision", "parent", "name")
+_NON_MODEL_FIELDS = ("precision", "dtype", "parent", "name")
 
 
 def _model_fields(cls) -> tuple[str, ...]:
@@ -51,7 +51,8 @@ def _model_fields(cls) -> tuple[str, ...]:
 
 
 def build_edm_denoiser(class_name: str, kwargs: Mapping[str, Any], *,
-                       precision: Any = layers.DEFAULT_PRECISION) -> NetworkDenoiser:
+                       precision: Any = layers.DEFAULT_PRECISION,
+                       dtype: Any = None) -> NetworkDenoiser:
   """A `NetworkDenoiser` equivalent to `<class_name>(**kwargs)` of the official code.
 
   `class_name` is one of EDMPrecond, VPPrecond, VEPrecond (EDM `training/networks.py`) or
@@ -60,8 +61,9 @@ def build_edm_denoiser(class_name: str, kwargs: Mapping[str, Any], *,
 
   `sigma_min`, `sigma_max` and VP's `epsilon_t` only set the supported noise range (used by
   samplers, not by the denoiser); they are accepted but not stored. `use_fp16` is accepted and
-  ignored: the Flax network computes in float32 (as the reference does off CUDA). `precision` is
-  passed to every matmul and convolution.
+  ignored: the Flax network computes in `dtype` (None: its input's, float32 as the reference does
+  off CUDA; bfloat16 in place of the reference's float16). `precision` is passed to every matmul
+  and convolution.
   """
   if class_name not in _PRECONDS:
     raise ValueError(f"Unknown EDM precond class {class_name!r}; expected one of "
@@ -107,6 +109,7 @@ def build_edm_denoiser(class_name: str, kwargs: Mapping[str, Any], *,
                      out_channels=int(values["img_channels"]),
                      label_dim=label_dim,
                      precision=precision,
+                     dtype=dtype,
                      **model_kwargs)
   if isinstance(module, SongUNet):
     module.check_config()

@@ -13,6 +13,8 @@ Supported classes (kwargs exactly as their constructors take them, e.g. a fixtur
   and ignored, as in the official constructor).
 
 All three become `NetworkDenoiser(EDM2Net(...), EDMPreconditioning(sigma_data), label_dim)`.
+`use_fp16` is recorded but does not choose the precision: the builder's `dtype` does (None: the
+input's, float32; bfloat16 stands where the official code uses float16).
 Every network supports `output='decoder' | 'encoder' | 'encoder_decoder'`; only the first two
 classes support `return_logvar=True`.
 """
@@ -51,8 +53,11 @@ def _as_tuple(value):
   return None if value is None else tuple(value)
 
 
-def build_edm2_denoiser(class_name: str, kwargs: Mapping[str, Any]) -> NetworkDenoiser:
+def build_edm2_denoiser(class_name: str, kwargs: Mapping[str, Any], *,
+                        dtype: Any = None) -> NetworkDenoiser:
   """Returns the denoiser of official class `class_name` built with constructor `kwargs`.
+
+  `dtype` is the U-Net's compute dtype (None: the input's; see `sid_jax.nets.edm2`).
 
   Raises ValueError for an unknown class, unknown kwargs and missing required kwargs (each
   named).
@@ -88,6 +93,7 @@ def build_edm2_denoiser(class_name: str, kwargs: Mapping[str, Any]) -> NetworkDe
                    force_normalization=bool(cfg.get("force_normalization", False)),
                    use_gan=bool(cfg.get("use_gan", False)),
                    class_name=class_name,
+                   dtype=dtype,
                    **net_kwargs)
   return NetworkDenoiser(module=module,
                          precond=EDMPreconditioning(sigma_data=float(cfg["sigma_data"])),
