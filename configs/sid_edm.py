@@ -21,6 +21,7 @@ converted checkpoint (`config.model` only documents them). The run length is the
 4 GPUs x batch_gpu, so the number of rounds is the official one; with more devices than
 `micro_batch` allows (it must be divisible by the batch shards), raise it with
 `--config.training.micro_batch=...` (fewer rounds, more memory per device).
+`--config.model.compute_dtype=bfloat16`: teacher and students in bf16 with float32 weights.
 
 `:dataset=...,tiny` keeps the method (alpha, Adam lr/betas/eps, EMA, augmentation and the
 networks' augment_dim, dropout, loss scales) on an 8x8 random teacher of the same architecture

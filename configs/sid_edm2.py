@@ -26,6 +26,7 @@ the distillation itself never decodes them (sample grids show raw latents).
 `micro_batch` = 2048 / (official accumulation rounds) = 4 GPUs x batch_gpu; with more devices
 than it allows (it must be divisible by the batch shards), raise it with
 `--config.training.micro_batch=...`.
+`--config.model.compute_dtype=bfloat16`: bf16 where the official code uses fp16; default float32.
 
 `:size=...,tiny` keeps the method on an 8x8x4 random EDM2 teacher (`Precond` with a log-variance
 head, the size's dropout; teacher type 'random', no files), 10 classes instead of 1000, a batch of
