@@ -10,13 +10,16 @@ cancellation at rounding level (e.g. in the zero-initialised output layers) can 
 differ by 2 lr between two correct layouts: measured ~1e-5 against ~1e-7 with eps = 1e-3.
 """
 
+import os
+import shutil
+
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from sid_jax import run as run_lib
-from sid_jax import sharding
+from sid_jax import checkpoints, sharding, train
 from tests import configs_util
 
 MESHES = {"1x1": (1, 1), "8x1": (8, 1), "1x8": (1, 8), "2x4": (2, 4)}
@@ -90,3 +93,46 @@ def test_meshes_give_the_same_losses_and_parameters(results, name):
 def test_bad_fsdp_min_size_is_refused():
   with pytest.raises(ValueError, match="config.mesh.fsdp_min_size"):
     run_lib.build_run(configs_util.load("gmm_sid.py", "tiny", **{"mesh.fsdp_min_size": -1}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume on another layout: a checkpoint written on 2x4 continues on 1 device and on 1x8.
+# ---------------------------------------------------------------------------------------------
+
+
+def _layout_config(data, fsdp, num_steps):
+  return configs_util.load("gmm_sid.py", "tiny", **{
+      "mesh.data": data, "mesh.fsdp": fsdp, "mesh.fsdp_min_size": 0, "optim.eps": 1e-3,
+      "training.num_steps": num_steps, "checkpoint.every_steps": 2, "eval.kind": "none"})
+
+
+def _final_checkpoint(workdir, step):
+  """The whole training checkpoint of `step` (state and RNG), restored on one device."""
+  config = _layout_config(1, 1, step)
+  run = run_lib.build_run(config, jax.devices()[:1])
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=10)
+  restored, _ = ckpt.restore(step, run_lib.abstract_checkpoint(run), config.to_dict())
+  ckpt.close()
+  return jax.device_get(restored)
+
+
+def test_checkpoint_from_2x4_resumes_on_one_device_and_on_1x8(tmp_path):
+  full = train.distill(_layout_config(2, 4, 4), str(tmp_path / "full"),
+                       devices=jax.devices()[:8])
+  assert full["checkpoint_steps"] == [2, 4]
+  part = tmp_path / "part"
+  first = train.distill(_layout_config(2, 4, 2), str(part), devices=jax.devices()[:8])
+  assert first["checkpoint_steps"] == [2]
+  reference = _final_checkpoint(str(tmp_path / "full"), 4)
+  for name, (data, fsdp) in {"1x1": (1, 1), "1x8": (1, 8)}.items():
+    workdir = tmp_path / name
+    shutil.copytree(part, workdir)
+    resumed = train.distill(_layout_config(data, fsdp, 4), str(workdir),
+                            devices=jax.devices()[:data * fsdp])
+    assert resumed["start_step"] == 2 and resumed["status"] == "done"
+    assert resumed["checkpoint_steps"] == [2, 4]
+    got = _final_checkpoint(str(workdir), 4)
+    assert int(got["state"].step) == 4
+    np.testing.assert_array_equal(got["rng"], reference["rng"])
+    for a, b in zip(jax.tree.leaves(got["state"]), jax.tree.leaves(reference["state"])):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=name)
