@@ -24,7 +24,9 @@ and the sinusoidal timestep features are computed from float32 timesteps. Matmul
 use `precision` (HIGHEST by default, i.e. no TF32/bfloat16 passes for float32 compute).
 
 Memory. `remat=True` rematerialises every ResNet block and every transformer block in the
-backward pass (`nn.remat`); the forward values are the same.
+backward pass (`nn.remat`); the forward values are the same. `attention_chunk` runs attention over
+blocks of that many queries (`sid_jax.nets.attention`), so a 4096-token level never holds its
+whole score tensor; the values agree with whole attention up to float32 rounding.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from sid_jax.nets import attention
 
 Array = jax.Array
 Dtype = Any
@@ -245,12 +249,14 @@ class Attention(nn.Module):
 
   Scores are accumulated and soft-maxed in float32 and scaled by head_dim ** -0.5.
   `upcast_attention` additionally casts queries and keys to float32 before the score matmul.
+  `attention_chunk` queries are attended at a time (None: all at once).
   """
   heads: int
   head_dim: int
   upcast_attention: bool = False
   dtype: Dtype = jnp.float32
   precision: Any = DEFAULT_PRECISION
+  attention_chunk: int | None = attention.DEFAULT_QUERY_CHUNK
 
   @nn.compact
   def __call__(self, x: Array, context: Array | None = None) -> Array:
@@ -264,10 +270,9 @@ class Attention(nn.Module):
     q, k, v = split(q), split(k), split(v)
     if self.upcast_attention:
       q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=self.precision,
-                        preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(scores * np.float32(self.head_dim**-0.5), axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v, precision=self.precision)
+    out = attention.dot_product_attention(q, k, v, scale=self.head_dim**-0.5,
+                                          precision=self.precision,
+                                          query_chunk=self.attention_chunk)
     out = out.reshape(out.shape[:2] + (inner,))
     return Dense(x.shape[-1], dtype=self.dtype, precision=self.precision, name="to_out_0")(out)
 
@@ -305,12 +310,13 @@ class BasicTransformerBlock(nn.Module):
   upcast_attention: bool = False
   dtype: Dtype = jnp.float32
   precision: Any = DEFAULT_PRECISION
+  attention_chunk: int | None = attention.DEFAULT_QUERY_CHUNK
 
   @nn.compact
   def __call__(self, x: Array, context: Array) -> Array:
     kw = dict(dtype=self.dtype, precision=self.precision)
     attn = dict(heads=self.heads, head_dim=self.head_dim, upcast_attention=self.upcast_attention,
-                **kw)
+                attention_chunk=self.attention_chunk, **kw)
     x = x + Attention(name="attn1", **attn)(LayerNorm(1e-5, self.dtype, name="norm1")(x))
     x = x + Attention(name="attn2", **attn)(LayerNorm(1e-5, self.dtype, name="norm2")(x), context)
     return x + FeedForward(name="ff", **kw)(LayerNorm(1e-5, self.dtype, name="norm3")(x))
@@ -334,6 +340,7 @@ class Transformer2DModel(nn.Module):
   remat: bool = False
   dtype: Dtype = jnp.float32
   precision: Any = DEFAULT_PRECISION
+  attention_chunk: int | None = attention.DEFAULT_QUERY_CHUNK
 
   @nn.compact
   def __call__(self, x: Array, context: Array) -> Array:
@@ -349,7 +356,8 @@ class Transformer2DModel(nn.Module):
     block_cls = _RematTransformerBlock if self.remat else BasicTransformerBlock
     for i in range(self.num_layers):
       y = block_cls(self.heads, self.head_dim, self.upcast_attention,
-                    name=f"transformer_blocks_{i}", **kw)(y, context)
+                    attention_chunk=self.attention_chunk, name=f"transformer_blocks_{i}",
+                    **kw)(y, context)
     if self.use_linear_projection:
       y = Dense(c, name="proj_out", **kw)(y).reshape(b, h, w, c)
     else:
@@ -400,6 +408,7 @@ class _BlockSettings(nn.Module):
   remat: bool = False
   dtype: Dtype = jnp.float32
   precision: Any = DEFAULT_PRECISION
+  attention_chunk: int | None = attention.DEFAULT_QUERY_CHUNK
 
   def _resnet(self, name: str, output_scale_factor: float = 1.0) -> nn.Module:
     cls = _RematResnetBlock2D if self.remat else ResnetBlock2D
@@ -416,6 +425,7 @@ class _BlockSettings(nn.Module):
                               remat=self.remat,
                               dtype=self.dtype,
                               precision=self.precision,
+                              attention_chunk=self.attention_chunk,
                               name=name)
 
 
@@ -535,6 +545,8 @@ class UNet2DConditionModel(nn.Module):
     dtype: compute dtype (float32 or bfloat16); parameters stay float32.
     precision: precision of matmuls and convolutions.
     remat: rematerialise each ResNet block and each transformer block in the backward pass.
+    attention_chunk: queries attended at a time (a positive int), or None (or 0) for all at
+      once; see `sid_jax.nets.attention.DEFAULT_QUERY_CHUNK` for the default.
   """
   sample_size: int | None = None
   in_channels: int = 4
@@ -564,6 +576,7 @@ class UNet2DConditionModel(nn.Module):
   dtype: Dtype = jnp.float32
   precision: Any = DEFAULT_PRECISION
   remat: bool = False
+  attention_chunk: int | None = attention.DEFAULT_QUERY_CHUNK
 
   def block_settings(self) -> dict[str, tuple]:
     """Validated per-block settings: heads, layers, transformer_layers (encoder order)."""
@@ -586,6 +599,7 @@ class UNet2DConditionModel(nn.Module):
       raise ValueError(f"Unsupported act_fn {self.act_fn!r} (supported: {_ACTIVATIONS}).")
     if self.downsample_padding not in (0, 1):
       raise ValueError(f"Unsupported downsample_padding {self.downsample_padding!r} (0 or 1).")
+    attention.check_query_chunk(self.attention_chunk, "attention_chunk")
     if not isinstance(self.cross_attention_dim, (int, np.integer)):
       raise ValueError(f"cross_attention_dim must be one int, got {self.cross_attention_dim!r}.")
     heads = self.num_attention_heads
@@ -619,7 +633,8 @@ class UNet2DConditionModel(nn.Module):
     common = dict(groups=self.norm_num_groups, eps=self.norm_eps,
                   use_linear_projection=self.use_linear_projection,
                   upcast_attention=self.upcast_attention, remat=self.remat, dtype=self.dtype,
-                  precision=self.precision)
+                  precision=self.precision,
+                  attention_chunk=attention.check_query_chunk(self.attention_chunk))
     batch = sample.shape[0]
 
     timesteps = jnp.asarray(timesteps)
@@ -734,7 +749,8 @@ def unet_from_config(config: Mapping[str, Any], **overrides: Any) -> UNet2DCondi
   Missing keys take diffusers' defaults. Keys starting with "_" (`_class_name`,
   `_diffusers_version`, `_name_or_path`) are ignored, and so are the keys listed in
   `_NO_EFFECT`. Keys in `_FIXED` must have the value this port implements. `overrides` are module
-  fields (e.g. `dtype=jnp.bfloat16`, `remat=True`) that replace the config's.
+  fields (e.g. `dtype=jnp.bfloat16`, `remat=True`, `attention_chunk=None`) that replace the
+  config's.
 
   Raises:
     ValueError naming the key and the value of an unsupported or unknown setting.

@@ -22,6 +22,10 @@ Precision. Parameters are float32. Convolutions and projections compute in the m
 and the attention softmax are always computed in float32. As in diffusers' pipelines, a VAE whose
 config says `force_upcast` computes in float32 when asked for float16 (its activations overflow
 float16); bfloat16 has float32's range and is kept.
+
+Memory. The mid-block attention runs over blocks of `attention_chunk` queries
+(`sid_jax.nets.attention`): a 64x64 latent (512 px images) has 4096 tokens, whose whole score
+tensor is 64 MiB per image.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sid_jax.nets import attention
 from sid_jax.nets import sd_unet
 
 Array = jax.Array
@@ -47,11 +52,12 @@ _ACTIVATIONS: dict[str, Callable[[Array], Array]] = {"silu": nn.silu, "swish": n
 
 
 class _Spec(NamedTuple):
-  """What every layer of the network shares: compute dtype, precision, groups, activation."""
+  """What every layer shares: compute dtype, precision, groups, activation, attention blocks."""
   dtype: Any
   precision: Any
   groups: int
   act_fn: str
+  attention_chunk: int | None = attention.DEFAULT_QUERY_CHUNK
 
   def act(self, x: Array) -> Array:
     return _ACTIVATIONS[self.act_fn](x)
@@ -105,13 +111,12 @@ class SelfAttention(nn.Module):
     s = self.spec
     batch, height, width, channels = x.shape
     h = s.norm("group_norm")(x).reshape(batch, height * width, channels)
-    q = s.dense(channels, "to_q")(h)
-    k = s.dense(channels, "to_k")(h)
-    v = s.dense(channels, "to_v")(h)
-    scores = jnp.einsum("bqc,bkc->bqk", q, k, precision=s.precision,
-                        preferred_element_type=jnp.float32) * (channels ** -0.5)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    h = jnp.einsum("bqk,bkc->bqc", weights, v, precision=s.precision)
+    # One head: [B, T, C] -> [B, T, 1, C].
+    q = s.dense(channels, "to_q")(h)[:, :, None]
+    k = s.dense(channels, "to_k")(h)[:, :, None]
+    v = s.dense(channels, "to_v")(h)[:, :, None]
+    h = attention.dot_product_attention(q, k, v, scale=channels**-0.5, precision=s.precision,
+                                        query_chunk=s.attention_chunk)[:, :, 0]
     h = s.dense(channels, "to_out_0")(h).reshape(x.shape)
     return x + h
 
@@ -244,6 +249,8 @@ class AutoencoderKL(nn.Module):
     force_upcast: the config's flag that the VAE overflows in float16 (see `compute_dtype`).
     dtype: requested compute dtype; parameters stay float32.
     precision: `jax.lax.Precision` of convolutions and matmuls.
+    attention_chunk: queries the mid-block attention takes at a time (a positive int), or None
+      (or 0) for all at once.
   """
   in_channels: int = 3
   out_channels: int = 3
@@ -259,6 +266,7 @@ class AutoencoderKL(nn.Module):
   force_upcast: bool = True
   dtype: Any = jnp.float32
   precision: Any = DEFAULT_PRECISION
+  attention_chunk: int | None = attention.DEFAULT_QUERY_CHUNK
 
   @property
   def compute_dtype(self) -> Any:
@@ -276,7 +284,8 @@ class AutoencoderKL(nn.Module):
     if self.act_fn not in _ACTIVATIONS:
       raise ValueError(f"act_fn={self.act_fn!r} is not supported (use one of "
                        f"{sorted(_ACTIVATIONS)}).")
-    spec = _Spec(self.compute_dtype, self.precision, self.norm_num_groups, self.act_fn)
+    chunk = attention.check_query_chunk(self.attention_chunk, "attention_chunk")
+    spec = _Spec(self.compute_dtype, self.precision, self.norm_num_groups, self.act_fn, chunk)
     chans = tuple(self.block_out_channels)
     self.encoder = Encoder(self.latent_channels, chans, self.layers_per_block,
                            self.mid_block_add_attention, spec)
@@ -344,7 +353,8 @@ def vae_from_config(config: Mapping[str, Any], **overrides) -> AutoencoderKL:
 
   Args:
     config: the parsed config.
-    **overrides: module fields to set on top of the config, e.g. `dtype=jnp.bfloat16`.
+    **overrides: module fields to set on top of the config, e.g. `dtype=jnp.bfloat16` or
+      `attention_chunk=None`.
 
   Raises:
     ValueError naming the key and value of any unsupported entry: an unknown key, a block type
