@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from sid_jax import checkpoints, generators, losses, models, sharding, steps
 from sid_jax.methods import base
 from sid_jax.models import stable_diffusion
+from sid_jax.nets import attention
 from sid_jax.data import prompts as prompts_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -59,6 +60,7 @@ def check_config(config) -> None:
   if g.compute_dtype not in DTYPES:
     raise ValueError(f"config.lsg.compute_dtype={g.compute_dtype!r}; expected one of "
                      f"{sorted(DTYPES)}.")
+  attention.check_query_chunk(g.attention_chunk, "config.lsg.attention_chunk")
   if not g.grid_prompts:
     raise ValueError("config.lsg.grid_prompts must hold at least one prompt.")
   source = prompt_path(config)
@@ -81,13 +83,14 @@ def load_sd(config) -> tuple[stable_diffusion.StableDiffusion, dict[str, Any], d
   t, g = config.teacher, config.lsg
   dtype = DTYPES[g.compute_dtype]
   if t.type == "network":
-    sd, params = stable_diffusion.load(t.checkpoint, dtype=dtype, remat=g.remat)
+    sd, params = stable_diffusion.load(t.checkpoint, dtype=dtype, remat=g.remat,
+                                       attention_chunk=g.attention_chunk)
     info = {"type": "network", "path": os.path.abspath(t.checkpoint),
             "sha256": checkpoints.hash_path(os.path.join(t.checkpoint, checkpoints.NETWORK_SPEC))}
   else:
     spec = stable_diffusion.tiny_spec(sd2=bool(g.tiny_sd2))
     sd = stable_diffusion.build(spec, stable_diffusion.tiny_tokenizer_dir(spec), dtype=dtype,
-                                remat=g.remat)
+                                remat=g.remat, attention_chunk=g.attention_chunk)
     params = stable_diffusion.random_params(sd, t.random_seed)
     info = {"type": "random", "seed": t.random_seed, "spec": "tiny_sd2" if g.tiny_sd2 else "tiny"}
   return sd, params, info

@@ -32,7 +32,7 @@ import numpy as np
 
 from sid_jax import checkpoints, denoisers
 from sid_jax.data import byte_tokenizer
-from sid_jax.nets import clip, sd_unet, sd_vae
+from sid_jax.nets import attention, clip, sd_unet, sd_vae
 from sid_jax.weights import clip as clip_weights
 from sid_jax.weights import diffusers
 from sid_jax.weights import sd_unet as sd_unet_weights
@@ -125,13 +125,14 @@ def _tokenizer(directory: str):
   return CLIPTokenizer.from_pretrained(directory, local_files_only=True)
 
 
-def build(spec: dict[str, Any], tokenizer_dir: str, *, dtype=jnp.float32,
-          remat: bool = False) -> StableDiffusion:
+def build(spec: dict[str, Any], tokenizer_dir: str, *, dtype=jnp.float32, remat: bool = False,
+          attention_chunk: int | None = attention.DEFAULT_QUERY_CHUNK) -> StableDiffusion:
   """Modules from a spec `{'class_name': 'StableDiffusion', 'kwargs': {'unet', 'vae',
   'text_encoder', 'scheduler'}}` (each a diffusers / transformers config dict).
 
   `dtype` is the compute dtype of all three networks (parameters stay float32); `remat`
-  rematerialises the UNet's blocks in the backward pass.
+  rematerialises the UNet's blocks in the backward pass; the UNet and VAE attend
+  `attention_chunk` queries at a time (None or 0: all at once; see `sid_jax.nets.attention`).
   """
   if spec.get("class_name") != CLASS_NAME:
     raise ValueError(f"Not a Stable Diffusion spec: class_name={spec.get('class_name')!r}.")
@@ -139,9 +140,10 @@ def build(spec: dict[str, Any], tokenizer_dir: str, *, dtype=jnp.float32,
   missing = sorted({"unet", "vae", "text_encoder", "scheduler"} - set(kw))
   if missing:
     raise ValueError(f"The Stable Diffusion spec lacks {missing}.")
-  unet = sd_unet.unet_from_config(kw["unet"], dtype=dtype, remat=remat)
+  unet = sd_unet.unet_from_config(kw["unet"], dtype=dtype, remat=remat,
+                                  attention_chunk=attention_chunk)
   text = clip.text_model_from_hf_config(kw["text_encoder"], dtype=dtype)
-  vae = sd_vae.vae_from_config(kw["vae"], dtype=dtype)
+  vae = sd_vae.vae_from_config(kw["vae"], dtype=dtype, attention_chunk=attention_chunk)
   acp = denoisers.ddpm_alphas_cumprod(**scheduler_settings(kw["scheduler"]))
   if text.hidden_size != unet.cross_attention_dim:
     raise ValueError(f"The text encoder's width {text.hidden_size} differs from the UNet's "
@@ -319,11 +321,14 @@ def save(directory: str, spec: dict[str, Any], params: dict[str, Any], tokenizer
     raise FileNotFoundError(f"No tokenizer files in {tokenizer_dir}.")
 
 
-def load(directory: str, *, dtype=jnp.float32, remat: bool = False
+def load(directory: str, *, dtype=jnp.float32, remat: bool = False,
+         attention_chunk: int | None = attention.DEFAULT_QUERY_CHUNK
          ) -> tuple[StableDiffusion, dict[str, Any]]:
-  """A model written by `save` (`python -m sid_jax.convert sd`): modules and params."""
+  """A model written by `save` (`python -m sid_jax.convert sd`): modules and params (`build`'s
+  keyword arguments)."""
   spec = checkpoints.load_network_spec(directory)
-  sd = build(spec, os.path.join(directory, TOKENIZER_DIR), dtype=dtype, remat=remat)
+  sd = build(spec, os.path.join(directory, TOKENIZER_DIR), dtype=dtype, remat=remat,
+             attention_chunk=attention_chunk)
   abstract = abstract_params(sd)
   params = checkpoints.load_network_params(directory, abstract)
   return sd, params
