@@ -30,6 +30,9 @@ setup(
         # versions pull a multi-GB CUDA build.
         "convert": ["torch==2.13.0"],
         "test": _requirements("requirements-test.txt"),
+        # `python -m sid_jax.plan --target=tpu:...` compiles for TPU topologies on any host with
+        # libtpu; no TPU needed. Also what a TPU VM installs to run.
+        "tpu": ["jax[tpu]==0.10.2"],
     },
     license="Apache-2.0",
 )

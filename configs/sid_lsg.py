@@ -69,6 +69,7 @@ def get_config(arg=None, teacher=None):
   c.teacher.type = "network"
   c.teacher.official_name = OFFICIAL_NAMES[teacher]
   c.teacher.official_url = "https://huggingface.co/" + c.teacher.official_name
+  c.teacher.architecture = teacher  # what `python -m sid_jax.plan` compiles without the weights
 
   c.lsg = ml_collections.ConfigDict()
   c.lsg.init_timestep = 625  # the generator's fixed t (sigma_625 = 2.5017)

@@ -31,7 +31,10 @@ METHODS = tuple(methods.ASSEMBLERS)
 # ---------------------------------------------------------------------------------------------
 
 
-def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+def check_config(config: ml_collections.ConfigDict, num_devices: int,
+                 abstract: bool = False) -> None:
+  """Raises a ValueError naming the setting for anything wrong (`abstract`: a plan's config,
+  whose weight and data files need not exist)."""
   t, o, d = config.training, config.optim, config.data
   shards = int(np.prod(sharding.mesh_shape(dict(config.mesh), num_devices)))
   sharding.fsdp_min_size(config.mesh)
@@ -39,7 +42,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ValueError(f"config.method={config.method!r} is not supported; expected one of "
                      f"{', '.join(METHODS)}.")
   if config.method in methods.CHECKS:
-    methods.CHECKS[config.method](config)
+    methods.CHECKS[config.method](config, abstract)
   for name in ("global_batch", "micro_batch", "num_steps", "max_nonfinite_steps"):
     if int(t[name]) <= 0:
       raise ValueError(f"config.training.{name} must be positive, got {t[name]}.")
@@ -99,12 +102,16 @@ class Run:
   feed: Any = None  # SiD-LSG: the prompt feed (lsg.PromptFeed)
 
 
-def build_run(config: ml_collections.ConfigDict, devices=None) -> Run:
+def build_run(config: ml_collections.ConfigDict, devices=None, *, abstract: bool = False) -> Run:
+  """The run of `config` on `devices` (default: all). With `abstract`, every network parameter is
+  a shape (`jax.ShapeDtypeStruct`) and no weight or data file is read: enough to lower and
+  compile the iteration for a target (`sid_jax.plan`), not to run it. `devices` may then be
+  abstract TPU devices (`jax.experimental.topologies`)."""
   devices = list(jax.devices() if devices is None else devices)
-  check_config(config, len(devices))
+  check_config(config, len(devices), abstract)
   mesh = sharding.make_mesh(dict(config.mesh), devices)
   min_size = sharding.fsdp_min_size(config.mesh)
-  a = methods.ASSEMBLERS[config.method](config)
+  a = methods.ASSEMBLERS[config.method](config, abstract=abstract)
   d = config.data
   if (d.resolution, d.resolution, d.channels) != tuple(a.image_shape):
     raise ValueError(f"config.data (resolution={d.resolution}, channels={d.channels}) does not "
@@ -120,9 +127,13 @@ def build_run(config: ml_collections.ConfigDict, devices=None) -> Run:
       fake_tx=optim.adam(o.fake_lr, o.fake_b1, o.b2, o.eps, clip_value=o.fake_clip_value),
       hyper=a.hyper, project=a.project,
       draw_sharding=sharding.batch_sharding(mesh, 1), augment=a.augment,
-      unroll_micro=jax.default_backend() == "cpu", conditioning=a.conditioning)
+      # XLA:CPU runs convolutions in a loop body ~25x slower: unroll there. Decided by the
+      # devices the step runs on (a TPU plan compiled on a CPU host keeps its loop).
+      unroll_micro=devices[0].platform == "cpu", conditioning=a.conditioning)
   abstract_state = jax.eval_shape(lambda p: steps.init_state(setup, p, p), a.init_params)
-  feed = a.make_feed(mesh, setup.num_micro, setup.micro_batch) if a.make_feed else None
+  feed = None
+  if a.make_feed:
+    feed = a.make_feed(mesh, setup.num_micro, setup.micro_batch, abstract=abstract)
   return Run(config=config, mesh=mesh, teacher=a.teacher, setup=setup, student_spec=a.spec,
              init_params=a.init_params,
              state_shardings=sharding.param_shardings(mesh, abstract_state, min_size),
@@ -155,9 +166,21 @@ def teacher_on_mesh(run: Run):
   return jax.device_put(run.teacher.params, run.teacher_shardings)
 
 
-def compile_train_step(run: Run, state, teacher_params, key):
-  """The compiled iteration `(state, teacher_params, key, batch) -> (state, metrics)`; `batch`
-  is None for SiD and the prompt feed's token ids for SiD-LSG."""
+def abstract_key(run: Run) -> jax.ShapeDtypeStruct:
+  """The shape of the run's base RNG key (a typed threefry key), replicated."""
+  return jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(run.mesh))
+
+
+def abstract_teacher(run: Run):
+  """The teacher's parameters as shapes with their shardings on the run's mesh."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      run.teacher.params, run.teacher_shardings)
+
+
+def lower_train_step(run: Run, state, teacher_params, key):
+  """The iteration `(state, teacher_params, key, batch) -> (state, metrics)` lowered with the
+  production in/out shardings and donation; arguments may be arrays or `ShapeDtypeStruct`s.
+  `batch` is None for SiD and the prompt feed's token ids for SiD-LSG."""
   repl = sharding.replicated(run.mesh)
   batch = run.feed.abstract() if run.feed is not None else None
   batch_sh = jax.tree.map(lambda a: a.sharding, batch)
@@ -165,7 +188,12 @@ def compile_train_step(run: Run, state, teacher_params, key):
                in_shardings=(run.state_shardings, run.teacher_shardings, repl, batch_sh),
                out_shardings=(run.state_shardings, repl), donate_argnums=0)
   with jax.set_mesh(run.mesh):
-    return fn.lower(state, teacher_params, key, batch).compile()
+    return fn.lower(state, teacher_params, key, batch)
+
+
+def compile_train_step(run: Run, state, teacher_params, key):
+  """The compiled iteration (see `lower_train_step`)."""
+  return lower_train_step(run, state, teacher_params, key).compile()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ class Assembly:
     conditioning: batch-borne conditions (text prompts), or None.
     project: parameter projection before each update (EDM2 forced weight normalisation).
     augment: augmentation of generator samples in the fake-score loss.
-    make_feed: (mesh, num_micro, micro_batch) -> the feed of batch-borne inputs, or None.
+    make_feed: (mesh, num_micro, micro_batch, abstract) -> the feed of batch-borne inputs, or
+      None; an abstract feed only gives the shapes of its batches (for plans).
   """
   teacher: models.Teacher
   student: Callable

@@ -35,13 +35,14 @@ TINY_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
                             "tiny_prompts.txt")
 
 
-def check_config(config) -> None:
-  """Everything SiD-LSG needs from the config, checked before anything is built."""
+def check_config(config, abstract: bool = False) -> None:
+  """Everything SiD-LSG needs from the config, checked before anything is built (`abstract`:
+  for a plan, which reads no teacher or prompt file)."""
   g = config.lsg
   if config.teacher.type not in ("network", "random"):
     raise ValueError(f"config.teacher.type={config.teacher.type!r}: SiD-LSG takes 'network' (a "
                      "checkpoint from `python -m sid_jax.convert sd`) or 'random' (tiny tests).")
-  if config.teacher.type == "network":
+  if config.teacher.type == "network" and not abstract:
     path = config.teacher.checkpoint
     if not path or not os.path.isfile(os.path.join(path, checkpoints.NETWORK_SPEC)):
       raise FileNotFoundError(
@@ -64,7 +65,7 @@ def check_config(config) -> None:
   if not g.grid_prompts:
     raise ValueError("config.lsg.grid_prompts must hold at least one prompt.")
   source = prompt_path(config)
-  if not source.startswith("tfds:") and not os.path.isfile(source):
+  if not abstract and not source.startswith("tfds:") and not os.path.isfile(source):
     raise FileNotFoundError(f"config.lsg.prompts={source!r}: no such prompt file (one prompt per "
                             "line, e.g. LAION-Aesthetics 6+ aesthetics_6_plus.txt).")
   if config.eval.kind not in ("auto", "none"):
@@ -76,6 +77,24 @@ def check_config(config) -> None:
 
 def prompt_path(config) -> str:
   return config.lsg.prompts or (TINY_PROMPTS if config.teacher.type == "random" else "")
+
+
+def abstract_sd(config) -> tuple[stable_diffusion.StableDiffusion, dict[str, Any], dict]:
+  """The teacher as shapes only, reading no weights: the converted checkpoint's spec if it
+  exists, else the full-size architecture `config.teacher.architecture` (sd15 | sd21base), or
+  the tiny model for teacher type 'random'."""
+  t, g = config.teacher, config.lsg
+  if t.type == "random":
+    spec = stable_diffusion.tiny_spec(sd2=bool(g.tiny_sd2))
+  elif t.checkpoint and os.path.isfile(os.path.join(t.checkpoint, checkpoints.NETWORK_SPEC)):
+    spec = checkpoints.load_network_spec(t.checkpoint)
+  else:
+    spec = stable_diffusion.reference_spec(t.get("architecture", ""))
+  # Tokenising is never traced: the byte tokenizer stands in for the real one.
+  sd = stable_diffusion.build(spec, stable_diffusion.tiny_tokenizer_dir(spec),
+                              dtype=DTYPES[g.compute_dtype], remat=g.remat,
+                              attention_chunk=g.attention_chunk)
+  return sd, stable_diffusion.abstract_params(sd), {"type": "abstract", "path": "", "sha256": ""}
 
 
 def load_sd(config) -> tuple[stable_diffusion.StableDiffusion, dict[str, Any], dict]:
@@ -96,15 +115,20 @@ def load_sd(config) -> tuple[stable_diffusion.StableDiffusion, dict[str, Any], d
   return sd, params, info
 
 
-def assemble(config) -> base.Assembly:
-  sd, params, info = load_sd(config)
+def assemble(config, abstract: bool = False) -> base.Assembly:
+  """SiD-LSG's assembly; with `abstract`, parameters are shapes only (for `sid_jax.plan`)."""
+  sd, params, info = abstract_sd(config) if abstract else load_sd(config)
   g = config.lsg
   den = sd.denoiser
 
   def teacher_fn(frozen, x, sigma, cond=None, **kwargs):
     return den(frozen["unet"], x, sigma, cond, **kwargs)
 
-  uncond = jax.jit(sd.encode_text)(params["text_encoder"], sd.tokenize([""]))
+  if abstract:
+    empty = jax.ShapeDtypeStruct((1, stable_diffusion.MAX_LENGTH), jnp.int32)
+    uncond = jax.eval_shape(sd.encode_text, params["text_encoder"], empty)
+  else:
+    uncond = jax.jit(sd.encode_text)(params["text_encoder"], sd.tokenize([""]))
   frozen = {"unet": params["unet"], "text_encoder": params["text_encoder"], "uncond": uncond}
   conditioning = steps.Conditioning(
       encode=lambda fz, ids: sd.encode_text(fz["text_encoder"], ids),
@@ -138,11 +162,12 @@ def assemble(config) -> base.Assembly:
                           {"unet": unet, "vae": vae_params,
                            "text_encoder": params["text_encoder"]}, tokenizer_dir)
 
-  def make_feed(mesh, num_micro, micro_batch):
-    return PromptFeed(config, sd, mesh, num_micro, micro_batch)
+  def make_feed(mesh, num_micro, micro_batch, abstract=False):
+    return PromptFeed(config, sd, mesh, num_micro, micro_batch, abstract=abstract)
 
   return base.Assembly(
-      teacher=teacher, student=den, init_params=jax.tree.map(jnp.copy, params["unet"]),
+      # The generator and fake score start as the teacher's UNet: the same arrays, no copy.
+      teacher=teacher, student=den, init_params=params["unet"],
       spec=spec, sigma_init=den.sigma_at(g.init_timestep), fake_loss=fake_loss,
       generator_loss=gen_loss, hyper=hyper, image_shape=tuple(sd.latent_shape), label_dim=0,
       make_generator=make_generator, sampling_params=sampling_params, export=export,
@@ -160,19 +185,24 @@ class PromptFeed:
   reads its own share of the stream; the position is saved with every checkpoint."""
 
   def __init__(self, config, sd: stable_diffusion.StableDiffusion, mesh, num_micro: int,
-               micro_batch: int):
+               micro_batch: int, abstract: bool = False):
     self.sd = sd
     self.num_micro, self.micro = num_micro, micro_batch
     self.count = jax.process_count()
+    self.sharding = sharding.batch_sharding(mesh, 1)
+    if abstract:  # shapes only (plans): no prompt file is opened
+      self.source = None
+      return
     if micro_batch % self.count:
       raise ValueError(f"config.training.micro_batch={micro_batch} is not divisible by the "
                        f"{self.count} hosts.")
     self.source = prompts_lib.PromptSource(
         prompt_path(config), seed=config.seed, process_index=jax.process_index(),
         process_count=self.count, data_dir=config.lsg.get("prompts_data_dir") or None)
-    self.sharding = sharding.batch_sharding(mesh, 1)
 
   def _ids(self) -> jax.Array:
+    if self.source is None:
+      raise RuntimeError("This prompt feed is abstract (a plan's): it has shapes, no prompts.")
     local = self.sd.tokenize(self.source.next_batch(self.num_micro * self.micro // self.count))
     local = local.reshape(self.num_micro, self.micro // self.count, -1)
     shape = (self.num_micro, self.micro, local.shape[-1])

@@ -24,9 +24,11 @@ def sid_losses(config) -> tuple[losses.DSMLoss, losses.SiDGeneratorLoss]:
   return fake, gen
 
 
-def assemble(config) -> base.Assembly:
-  teacher = models.build_teacher(config)
-  student, params, spec = models.build_students(config, teacher, jax.random.key(config.seed + 1))
+def assemble(config, abstract: bool = False) -> base.Assembly:
+  """SiD's assembly; with `abstract`, parameters are shapes only (for `sid_jax.plan`)."""
+  teacher = models.build_teacher(config, abstract=abstract)
+  student, params, spec = models.build_students(config, teacher, jax.random.key(config.seed + 1),
+                                                abstract=abstract)
   d = config.data
   augment_pipe = None
   if config.sid.augment_p > 0:

@@ -184,10 +184,21 @@ def _convert_hint(t: ml_collections.ConfigDict) -> str:
           f"--config.teacher.checkpoint=DIR.")
 
 
-def build_teacher(config: ml_collections.ConfigDict) -> Teacher:
+def build_teacher(config: ml_collections.ConfigDict, *, abstract: bool = False) -> Teacher:
+  """The teacher of `config.teacher`. With `abstract`, network parameters are shapes only
+  (`jax.ShapeDtypeStruct`s) and no file is read: the architecture is the checkpoint's spec if the
+  checkpoint exists, else `config.model` (what `python -m sid_jax.plan` compiles)."""
   t, d = config.teacher, config.data
   shape = (d.resolution, d.resolution, d.channels)
   dtype = compute_dtype(config)
+  if abstract and t.type in ("network", "random"):
+    has_file = t.type == "network" and os.path.isfile(
+        os.path.join(t.checkpoint or "", checkpoints.NETWORK_SPEC))
+    spec = checkpoints.load_network_spec(t.checkpoint) if has_file else _config_spec(config)
+    den = build_denoiser(spec, dtype)
+    res, _, channels, label_dim = spec_image_shape(spec)
+    params = abstract_params(den, (res, res, channels), label_dim)
+    return Teacher(den, params, {"type": "abstract", "path": "", "sha256": ""}, spec)
   if t.type == "gmm":
     if d.label_dim not in (0, t.gmm.num_components):
       raise ValueError(f"config.data.label_dim={d.label_dim} must be 0 or "
@@ -241,11 +252,15 @@ def student_spec(config: ml_collections.ConfigDict, teacher: Teacher) -> dict:
   return _config_spec(config)
 
 
-def build_students(config, teacher: Teacher, rng: jax.Array):
-  """(denoiser, initial params) shared by generator and fake score (both start equal, spec §1.1)."""
+def build_students(config, teacher: Teacher, rng: jax.Array, *, abstract: bool = False):
+  """(denoiser, initial params) shared by generator and fake score (both start equal, spec §1.1);
+  with `abstract` the params are shapes only."""
   spec = student_spec(config, teacher)
   den = build_denoiser(spec, compute_dtype(config))
   if config.model.init_from == "teacher":
     return den, teacher.params, spec
   d = config.data
-  return den, init_params(den, rng, (d.resolution, d.resolution, d.channels), d.label_dim), spec
+  shape = (d.resolution, d.resolution, d.channels)
+  if abstract:
+    return den, abstract_params(den, shape, d.label_dim), spec
+  return den, init_params(den, rng, shape, d.label_dim), spec
