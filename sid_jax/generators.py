@@ -152,7 +152,7 @@ class Generator:
     shards = sharding.batch_size_divisor(self.mesh)
     padded = np.concatenate([seeds, np.zeros(-n % shards, np.int32)])
     with jax.set_mesh(self.mesh):
-      return np.asarray(jax.device_get(self._draw(padded)))[:n]
+      return sharding.to_host(self._draw(padded))[:n]
 
   def _compiled(self, steps: int) -> Callable:
     if steps not in self._programs:
@@ -226,7 +226,8 @@ class Generator:
 
 
 def _fetch(start, x, labels, n):
-  return (start, np.asarray(jax.device_get(x))[:n], np.asarray(jax.device_get(labels))[:n])
+  """Host copies of a batch: on every process, the whole batch (an all-gather on several)."""
+  return start, sharding.to_host(x)[:n], sharding.to_host(labels)[:n]
 
 
 class ClassGenerator(Generator):

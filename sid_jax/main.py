@@ -26,11 +26,36 @@ class _QuietLibraries:
     return record.levelno >= 30 or not any(n in record.pathname for n in self.NOISY)
 
 
+# A cluster without auto-detection (plain hosts, or several processes on one machine): JAX reads
+# JAX_COORDINATOR_ADDRESS itself, not the process count and id, which come from these two.
+NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
+PROCESS_ID_ENV = "JAX_PROCESS_ID"
+
+
+def _env_int(name):
+  value = os.environ.get(name)
+  if value is None or value == "":
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise app.UsageError(f"{name}={value!r} is not an integer.") from None
+
+
 def _init_distributed():
+  """Joins the jax.distributed job when SID_JAX_DISTRIBUTED=1: cluster auto-detection (Cloud TPU,
+  SLURM, Open MPI, Kubernetes) or JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID. On CPU, cross-process collectives also need
+  JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo."""
   import jax  # pylint: disable=g-import-not-at-top
-  if os.environ.get("SID_JAX_DISTRIBUTED", "0") == "1":
-    jax.distributed.initialize()
-    logging.info("jax.distributed: process %d of %d.", jax.process_index(), jax.process_count())
+  if os.environ.get("SID_JAX_DISTRIBUTED", "0") != "1":
+    return
+  num, pid = _env_int(NUM_PROCESSES_ENV), _env_int(PROCESS_ID_ENV)
+  if (num is None) != (pid is None):
+    raise app.UsageError(f"Set both {NUM_PROCESSES_ENV} and {PROCESS_ID_ENV}, or neither.")
+  jax.distributed.initialize(num_processes=num, process_id=pid)
+  logging.info("jax.distributed: process %d of %d, %d local of %d devices.", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def main(argv):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -95,3 +96,11 @@ def param_shardings(mesh: Mesh, abstract_tree: Any, min_size: int = FSDP_MIN_SIZ
     return NamedSharding(mesh, fsdp_spec(shape, fsdp, min_size))
 
   return jax.tree.map(one, abstract_tree)
+
+
+def to_host(x) -> np.ndarray:
+  """The whole value of a (possibly multi-process) array as NumPy, on every process: the other
+  processes' shards are all-gathered when this one cannot address them."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -100,15 +100,15 @@ def test_bad_fsdp_min_size_is_refused():
 # ---------------------------------------------------------------------------------------------
 
 
-def _layout_config(data, fsdp, num_steps):
+def layout_config(data, fsdp, num_steps):
   return configs_util.load("gmm_sid.py", "tiny", **{
       "mesh.data": data, "mesh.fsdp": fsdp, "mesh.fsdp_min_size": 0, "optim.eps": 1e-3,
       "training.num_steps": num_steps, "checkpoint.every_steps": 2, "eval.kind": "none"})
 
 
-def _final_checkpoint(workdir, step):
+def final_checkpoint(workdir, step):
   """The whole training checkpoint of `step` (state and RNG), restored on one device."""
-  config = _layout_config(1, 1, step)
+  config = layout_config(1, 1, step)
   run = run_lib.build_run(config, jax.devices()[:1])
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=10)
   restored, _ = ckpt.restore(step, run_lib.abstract_checkpoint(run), config.to_dict())
@@ -117,21 +117,21 @@ def _final_checkpoint(workdir, step):
 
 
 def test_checkpoint_from_2x4_resumes_on_one_device_and_on_1x8(tmp_path):
-  full = train.distill(_layout_config(2, 4, 4), str(tmp_path / "full"),
+  full = train.distill(layout_config(2, 4, 4), str(tmp_path / "full"),
                        devices=jax.devices()[:8])
   assert full["checkpoint_steps"] == [2, 4]
   part = tmp_path / "part"
-  first = train.distill(_layout_config(2, 4, 2), str(part), devices=jax.devices()[:8])
+  first = train.distill(layout_config(2, 4, 2), str(part), devices=jax.devices()[:8])
   assert first["checkpoint_steps"] == [2]
-  reference = _final_checkpoint(str(tmp_path / "full"), 4)
+  reference = final_checkpoint(str(tmp_path / "full"), 4)
   for name, (data, fsdp) in {"1x1": (1, 1), "1x8": (1, 8)}.items():
     workdir = tmp_path / name
     shutil.copytree(part, workdir)
-    resumed = train.distill(_layout_config(data, fsdp, 4), str(workdir),
+    resumed = train.distill(layout_config(data, fsdp, 4), str(workdir),
                             devices=jax.devices()[:data * fsdp])
     assert resumed["start_step"] == 2 and resumed["status"] == "done"
     assert resumed["checkpoint_steps"] == [2, 4]
-    got = _final_checkpoint(str(workdir), 4)
+    got = final_checkpoint(str(workdir), 4)
     assert int(got["state"].step) == 4
     np.testing.assert_array_equal(got["rng"], reference["rng"])
     for a, b in zip(jax.tree.leaves(got["state"]), jax.tree.leaves(reference["state"])):
