@@ -130,14 +130,21 @@ def build_run(config: ml_collections.ConfigDict, devices=None, *, abstract: bool
       # XLA:CPU runs convolutions in a loop body ~25x slower: unroll there. Decided by the
       # devices the step runs on (a TPU plan compiled on a CPU host keeps its loop).
       unroll_micro=devices[0].platform == "cpu", conditioning=a.conditioning)
-  abstract_state = jax.eval_shape(lambda p: steps.init_state(setup, p, p), a.init_params)
+  teacher, init_params = a.teacher, a.init_params
+  if not abstract:
+    # Host (NumPy) copies: nothing unsharded stays on a device once the sharded state and the
+    # teacher on the mesh exist (`initial_state`, `teacher_on_mesh` place them from here). A
+    # generator initialised from the teacher shares the teacher's host arrays.
+    teacher = dataclasses.replace(teacher, params=jax.device_get(teacher.params))
+    init_params = jax.device_get(init_params)
+  abstract_state = jax.eval_shape(lambda p: steps.init_state(setup, p, p), init_params)
   feed = None
   if a.make_feed:
     feed = a.make_feed(mesh, setup.num_micro, setup.micro_batch, abstract=abstract)
-  return Run(config=config, mesh=mesh, teacher=a.teacher, setup=setup, student_spec=a.spec,
-             init_params=a.init_params,
+  return Run(config=config, mesh=mesh, teacher=teacher, setup=setup, student_spec=a.spec,
+             init_params=init_params,
              state_shardings=sharding.param_shardings(mesh, abstract_state, min_size),
-             teacher_shardings=sharding.param_shardings(mesh, a.teacher.params, min_size),
+             teacher_shardings=sharding.param_shardings(mesh, teacher.params, min_size),
              generator=a.make_generator(mesh), sampling_params=a.sampling_params,
              export=a.export, feed=feed)
 
@@ -148,9 +155,12 @@ def build_run(config: ml_collections.ConfigDict, devices=None, *, abstract: bool
 
 
 def initial_state(run: Run) -> steps.SiDState:
+  """The step-0 state on the mesh, built from the host's initial parameters placed straight into
+  the generator's shardings (no whole copy on any one device)."""
   fn = jax.jit(lambda p: steps.init_state(run.setup, p, p), out_shardings=run.state_shardings)
+  params = jax.device_put(run.init_params, run.state_shardings.generator)
   with jax.set_mesh(run.mesh):
-    return fn(run.init_params)
+    return fn(params)
 
 
 def abstract_checkpoint(run: Run) -> dict[str, Any]:

@@ -136,3 +136,12 @@ def test_checkpoint_from_2x4_resumes_on_one_device_and_on_1x8(tmp_path):
     np.testing.assert_array_equal(got["rng"], reference["rng"])
     for a, b in zip(jax.tree.leaves(got["state"]), jax.tree.leaves(reference["state"])):
       np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_whole_parameter_trees_stay_on_the_host(results):
+  """The run's unsharded initial parameters and teacher are NumPy: on devices there are only the
+  sharded state and the teacher on the mesh."""
+  run, state, _, _ = results["1x8"]
+  for tree in (run.init_params, run.teacher.params):
+    assert all(isinstance(leaf, np.ndarray) for leaf in jax.tree.leaves(tree))
+  assert all(len(leaf.sharding.device_set) == 8 for leaf in jax.tree.leaves(state))

@@ -145,7 +145,11 @@ def assemble(config, abstract: bool = False) -> base.Assembly:
   spec = dict(sd.spec)
   spec["kwargs"] = dict(spec["kwargs"], generator={"init_timestep": int(g.init_timestep)})
   teacher = models.Teacher(denoiser=teacher_fn, params=frozen, info=info, spec=spec)
-  vae_params = params["vae"]
+  # Kept for sampling and export as host arrays (the UNets are not held here: the run places the
+  # teacher and students on the mesh from its own host copies).
+  vae_params, text_params = params["vae"], params["text_encoder"]
+  if not abstract:
+    vae_params, text_params = jax.device_get((vae_params, text_params))
 
   def make_generator(mesh):
     return generators.TextToImageGenerator(sd, None, init_timestep=g.init_timestep, mesh=mesh)
@@ -159,8 +163,8 @@ def assemble(config, abstract: bool = False) -> base.Assembly:
                      if config.teacher.type == "network" else
                      stable_diffusion.tiny_tokenizer_dir(sd.spec))
     stable_diffusion.save(directory, dict(spec, step=step),
-                          {"unet": unet, "vae": vae_params,
-                           "text_encoder": params["text_encoder"]}, tokenizer_dir)
+                          {"unet": unet, "vae": vae_params, "text_encoder": text_params},
+                          tokenizer_dir)
 
   def make_feed(mesh, num_micro, micro_batch, abstract=False):
     return PromptFeed(config, sd, mesh, num_micro, micro_batch, abstract=abstract)
