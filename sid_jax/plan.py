@@ -12,7 +12,8 @@ whether the total fits the device's memory.
 
 Targets:
 * `local`: this machine's devices (`jax.devices()`).
-* `tpu:TOPOLOGY`, e.g. `tpu:v5e:2x4` (v5e-8), `tpu:v5p:2x2x1` (v5p-8), `tpu:v4:2x2x1` (v4-8):
+* `tpu:TOPOLOGY`, e.g. `tpu:v5e:1x1` (one chip), `tpu:v5e:2x4` (v5e-8), `tpu:v5p:2x2x1`
+  (v5p-8), `tpu:v4:2x2x1` (v4-8):
   abstract TPU devices from `jax.experimental.topologies`, which needs libtpu
   (`pip install -e .[tpu]`) but no TPU: the compile runs on this host's CPUs.
 GPU targets: jax 0.10.2 offers no deviceless GPU compilation here (it needs a CUDA device to
@@ -73,8 +74,14 @@ def target_devices(target: str) -> list:
     raise RuntimeError("TPU plans need libtpu: pip install -e .[tpu] (jax[tpu]==0.10.2). "
                        "No TPU is needed.") from e
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  options = {}
+  dims = topology.rpartition(":")[2].split("x")
+  if all(d.isdigit() for d in dims) and int(np.prod([int(d) for d in dims])) < 4:
+    # Fewer chips than one host's default 2x2x1 (e.g. v5e:1x1, a single chip): one smaller host.
+    options["chips_per_host_bounds"] = tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
   try:
-    return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+    return list(topologies.get_topology_desc(topology_name=topology, platform="tpu",
+                                             **options).devices)
   except Exception as e:  # libtpu's own errors are long: keep their first line
     raise ValueError(f"--target={target!r}: libtpu could not describe the topology {topology!r} "
                      f"({type(e).__name__}: {str(e).splitlines()[0][:300]}). Names look like "
