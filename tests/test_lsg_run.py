@@ -103,6 +103,7 @@ def test_bad_lsg_settings_fail_before_building():
     run_lib.build_run(config)
   for override, pattern in [({"lsg.cfg_teacher": 0.0}, "config.lsg.cfg_teacher"),
                             ({"lsg.compute_dtype": "float16"}, "config.lsg.compute_dtype"),
+                            ({"model.compute_dtype": "bfloat16"}, "set that one"),
                             ({"lsg.prompts": "/nonexistent.txt"}, "config.lsg.prompts"),
                             ({"lsg.t_min": 990}, "t_min"),
                             ({"eval.kind": "fid"}, "config.eval.kind")]:

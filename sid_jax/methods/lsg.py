@@ -62,6 +62,11 @@ def check_config(config, abstract: bool = False) -> None:
     raise ValueError(f"config.lsg.compute_dtype={g.compute_dtype!r}; expected one of "
                      f"{sorted(DTYPES)}.")
   attention.check_query_chunk(g.attention_chunk, "config.lsg.attention_chunk")
+  model_dtype = config.model.get("compute_dtype", "float32")
+  if model_dtype not in ("float32", g.compute_dtype):
+    raise ValueError(f"config.model.compute_dtype={model_dtype!r} is for EDM/EDM2 networks; "
+                     "SiD-LSG's precision is config.lsg.compute_dtype="
+                     f"{g.compute_dtype!r} (set that one).")
   if not g.grid_prompts:
     raise ValueError("config.lsg.grid_prompts must hold at least one prompt.")
   source = prompt_path(config)
