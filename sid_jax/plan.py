@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
-from sid_jax import cli, sharding
+from sid_jax import cli, sharding, steps
 from sid_jax import run as run_lib
 
 FLAGS = flags.FlagValues()
@@ -48,6 +48,9 @@ flags.DEFINE_string("target", "local", "local | tpu:TOPOLOGY (e.g. tpu:v5e:2x4, 
 flags.DEFINE_float("device_memory_gib", None, "Memory per device (GiB); default: what the device "
                    "reports, or the chip's HBM for TPU targets.", flag_values=FLAGS)
 flags.DEFINE_string("json", "", "Also write the plan as JSON here.", flag_values=FLAGS)
+flags.DEFINE_bool("parts", False, "Compile the fake-score and generator updates apart, one "
+                  "micro-batch each (real-size Stable Diffusion: the whole iteration takes too "
+                  "long to compile on a small host).", flag_values=FLAGS)
 
 GIB = 2**30
 # High-bandwidth memory per chip (GiB), by the `device_kind` JAX reports.
@@ -158,6 +161,12 @@ class Plan:
   images_per_second_per_chip: float | None
   unsharded: dict
   compile_seconds: float
+  # 'iteration': the production iteration compiled whole. 'parts': the fake-score and generator
+  # updates compiled apart with global batch = micro-batch (for real-size models whose whole
+  # iteration takes too long to compile here); `total` is then the larger part plus, with
+  # accumulation, one float32 gradient tree of the trained network (the loop's carry).
+  method: str = "iteration"
+  parts: dict | None = None
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -179,30 +188,86 @@ def _compile(config, devices):
   return run, abstract, teacher, compiled, time.time() - t0
 
 
-def make_plan(config, devices, *, target: str = "local",
-              device_memory: int | None = None) -> Plan:
+def _xla_memory(compiled) -> dict:
+  mem = compiled.memory_analysis()
+  return {name: int(getattr(mem, f"{name}_size_in_bytes", 0) or 0)
+          for name in ("argument", "output", "alias", "temp", "generated_code")}
+
+
+def _xla_total(xla: dict) -> int:
+  return xla["argument"] + xla["output"] - xla["alias"] + xla["temp"] + xla["generated_code"]
+
+
+def _micro_config(config, micro_batch: int):
+  micro = config.copy_and_resolve_references()
+  with micro.unlocked():
+    micro.training.global_batch = micro_batch
+  return micro
+
+
+def _compile_parts(config, devices) -> dict:
+  """The fake-score update and the generator update, each compiled on its own (production
+  shardings and donation) for one micro-batch."""
+  run = run_lib.build_run(config, devices, abstract=True)
+  state = run_lib.abstract_checkpoint(run)["state"]
+  teacher = run_lib.abstract_teacher(run)
+  key = run_lib.abstract_key(run)
+  batch = run.feed.abstract() if run.feed is not None else None
+  repl = sharding.replicated(run.mesh)
+  in_sh = (run.state_shardings, run.teacher_shardings, repl,
+           jax.tree.map(lambda a: a.sharding, batch))
+  parts = {
+      "fake_score_update": lambda st, tp, k, b: steps.fake_score_step(run.setup, st, k, tp, b),
+      "generator_update": lambda st, tp, k, b: steps.generator_step(run.setup, st, tp, k, b),
+  }
+  out = {}
+  for name, fn in parts.items():
+    t0 = time.time()
+    jitted = jax.jit(fn, in_shardings=in_sh, out_shardings=(run.state_shardings, repl),
+                     donate_argnums=0)
+    with jax.set_mesh(run.mesh):
+      compiled = jitted.lower(state, teacher, key, batch).compile()
+    out[name] = {"xla": _xla_memory(compiled), "cost": _cost(compiled),
+                 "compile_seconds": time.time() - t0}
+  return out
+
+
+def make_plan(config, devices, *, target: str = "local", device_memory: int | None = None,
+              parts: bool = False) -> Plan:
   """Compiles `config`'s iteration for `devices` from shapes only and reads XLA's analyses.
 
   Memory comes from the production iteration. XLA's cost analysis counts a loop body once, so
   with gradient accumulation (num_micro > 1) FLOPs and the cost-model time come from a second
   compile of the same iteration with global batch = micro-batch, times num_micro (the optimiser
-  and EMA updates, a small part, are then counted num_micro times).
+  and EMA updates, a small part, are then counted num_micro times). With `parts`, see
+  `Plan.method`.
   """
-  run, abstract, teacher, compiled, compile_s = _compile(config, devices)
-  mem = compiled.memory_analysis()
-  xla = {name: int(getattr(mem, f"{name}_size_in_bytes", 0) or 0)
-         for name in ("argument", "output", "alias", "temp", "generated_code")}
-  total = xla["argument"] + xla["output"] - xla["alias"] + xla["temp"] + xla["generated_code"]
+  run = run_lib.build_run(config, devices, abstract=True)
+  abstract = run_lib.abstract_checkpoint(run)["state"]
+  teacher = run_lib.abstract_teacher(run)
   num_micro = run.setup.num_micro
-  if num_micro > 1:
-    micro = config.copy_and_resolve_references()
-    with micro.unlocked():
-      micro.training.global_batch = run.setup.micro_batch
-    _, _, _, micro_compiled, micro_s = _compile(micro, devices)
-    compile_s += micro_s
-    cost = _cost(micro_compiled)
+  micro_config = _micro_config(config, run.setup.micro_batch)
+  part_info = None
+  if parts:
+    part_info = _compile_parts(micro_config, devices)
+    xla = {name: max(p["xla"][name] for p in part_info.values())
+           for name in next(iter(part_info.values()))["xla"]}
+    carry = _per_device_bytes(abstract.generator) if num_micro > 1 else 0
+    total = max(_xla_total(p["xla"]) for p in part_info.values()) + carry
+    compile_s = sum(p["compile_seconds"] for p in part_info.values())
+    costs = [p["cost"] for p in part_info.values()]
+    cost = {k: sum(float(c.get(k) or 0) for c in costs) or None
+            for k in ("flops", "bytes accessed", "optimal_seconds")}
   else:
-    cost = _cost(compiled)
+    run, abstract, teacher, compiled, compile_s = _compile(config, devices)
+    xla = _xla_memory(compiled)
+    total = _xla_total(xla)
+    if num_micro > 1:
+      _, _, _, micro_compiled, micro_s = _compile(micro_config, devices)
+      compile_s += micro_s
+      cost = _cost(micro_compiled)
+    else:
+      cost = _cost(compiled)
   flops = cost.get("flops")
   flops = None if flops is None else float(flops) * num_micro
   seconds = cost.get("optimal_seconds")
@@ -227,7 +292,11 @@ def make_plan(config, devices, *, target: str = "local",
       images_per_second_per_chip=None if seconds is None else batch / n / seconds,
       unsharded={"state": unsharded_leaves(abstract, run.mesh, min_size),
                  "teacher": unsharded_leaves(teacher, run.mesh, min_size)},
-      compile_seconds=compile_s)
+      compile_seconds=compile_s, method="parts" if parts else "iteration",
+      parts=None if part_info is None else {
+          k: {"xla": v["xla"], "total": _xla_total(v["xla"]),
+              "flops": v["cost"].get("flops"), "compile_seconds": v["compile_seconds"]}
+          for k, v in part_info.items()})
 
 
 def _gib(x) -> str:
@@ -247,8 +316,17 @@ def format_plan(p: Plan) -> str:
   for part, label in names.items():
     lines.append(f"  {label:<28}{_gib(p.state[part])}")
   lines.append(f"  {'frozen teacher':<28}{_gib(p.teacher)}")
-  for name in ("argument", "output", "alias", "temp", "generated_code"):
-    lines.append(f"  {'XLA ' + name.replace('_', ' '):<28}{_gib(p.xla[name])}")
+  if p.parts:
+    lines.append("  (compiled as parts, one micro-batch each; XLA numbers per part)")
+    for part, info in p.parts.items():
+      x = info["xla"]
+      lines.append(f"  {part.replace('_', ' '):<28}argument {_gib(x['argument'])}, temp "
+                   f"{_gib(x['temp'])}, total {_gib(info['total'])}")
+    if p.num_micro > 1:
+      lines.append(f"  {'accumulated gradient':<28}{_gib(p.state['generator'])} (from shapes)")
+  else:
+    for name in ("argument", "output", "alias", "temp", "generated_code"):
+      lines.append(f"  {'XLA ' + name.replace('_', ' '):<28}{_gib(p.xla[name])}")
   fits = {None: "unknown (pass --device_memory_gib)", True: "yes", False: "NO"}[p.fits]
   lines.append(f"  {'total':<28}{_gib(p.total)} of {_gib(p.device_memory)}: fits {fits}")
   if p.flops is not None:
@@ -275,13 +353,13 @@ def format_plan(p: Plan) -> str:
 
 
 def run(config, target: str = "local", device_memory_gib: float | None = None,
-        json_path: str = "") -> Plan:
+        json_path: str = "", parts: bool = False) -> Plan:
   """Plans `config` for `target`, prints the table and optionally writes JSON (in-process use)."""
   if device_memory_gib is not None and device_memory_gib <= 0:
     raise ValueError(f"--device_memory_gib must be positive, got {device_memory_gib}.")
   devices = target_devices(target)
   memory = None if device_memory_gib is None else int(device_memory_gib * GIB)
-  plan = make_plan(config, devices, target=target, device_memory=memory)
+  plan = make_plan(config, devices, target=target, device_memory=memory, parts=parts)
   print(format_plan(plan))
   if json_path:
     with open(json_path, "w") as out:
@@ -295,7 +373,7 @@ def main(argv) -> None:
   if FLAGS.config is None:
     raise app.UsageError("--config is required (configs/NAME.py[:ARG]).")
   plan = cli.report_errors("sid_jax.plan", lambda: run(
-      FLAGS.config, FLAGS.target, FLAGS.device_memory_gib, FLAGS.json),
+      FLAGS.config, FLAGS.target, FLAGS.device_memory_gib, FLAGS.json, FLAGS.parts),
                            errors=(ValueError, FileNotFoundError, RuntimeError))
   if plan.fits is False:
     sys.exit(3)  # a launch script can stop here

@@ -96,3 +96,16 @@ def test_cli_refuses_bad_flags(args, message):
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert out.returncode == 2, out.stderr[-2000:]
   assert "sid_jax.plan: error:" in out.stderr and message in out.stderr
+
+
+def test_parts_plan_agrees_with_the_whole_iteration():
+  """--parts: the two updates compiled apart. FLOPs add up to the whole iteration's (within the
+  EMA's share) and memory is of the same order."""
+  config = _gmm(**{"mesh.data": 2, "mesh.fsdp": 4})
+  whole = plan_lib.make_plan(config, jax.devices())
+  parts = plan_lib.make_plan(config, jax.devices(), parts=True)
+  assert parts.method == "parts" and set(parts.parts) == {"fake_score_update", "generator_update"}
+  assert parts.state == whole.state and parts.teacher == whole.teacher
+  assert parts.flops == pytest.approx(whole.flops, rel=0.05)
+  assert parts.total == max(v["total"] for v in parts.parts.values()) + parts.state["generator"]
+  assert "fake score update" in plan_lib.format_plan(parts)
