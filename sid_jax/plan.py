@@ -51,6 +51,8 @@ flags.DEFINE_string("json", "", "Also write the plan as JSON here.", flag_values
 flags.DEFINE_bool("parts", False, "Compile the fake-score and generator updates apart, one "
                   "micro-batch each (real-size Stable Diffusion: the whole iteration takes too "
                   "long to compile on a small host).", flag_values=FLAGS)
+flags.DEFINE_bool("shapes_only", False, "Compile nothing: the sharded state and teacher bytes "
+                  "only (a lower bound on memory), in seconds.", flag_values=FLAGS)
 
 GIB = 2**30
 # High-bandwidth memory per chip (GiB), by the `device_kind` JAX reports.
@@ -150,7 +152,7 @@ class Plan:
   num_micro: int
   state: dict  # per part of the training state, bytes per device
   teacher: int
-  xla: dict  # memory_analysis: argument, output, alias, temp, generated code
+  xla: dict | None  # memory_analysis: argument, output, alias, temp, generated code
   total: int  # argument + output - alias + temp + generated code
   device_memory: int | None
   fits: bool | None
@@ -161,7 +163,8 @@ class Plan:
   images_per_second_per_chip: float | None
   unsharded: dict
   compile_seconds: float
-  # 'iteration': the production iteration compiled whole. 'parts': the fake-score and generator
+  # 'iteration': the production iteration compiled whole. 'shapes': nothing compiled, `total` is
+  # the sharded state and teacher only (a lower bound; `fits` is then only ever False). 'parts': the fake-score and generator
   # updates compiled apart with global batch = micro-batch (for real-size models whose whole
   # iteration takes too long to compile here); `total` is then the larger part plus, with
   # accumulation, one float32 gradient tree of the trained network (the loop's carry).
@@ -233,14 +236,15 @@ def _compile_parts(config, devices) -> dict:
 
 
 def make_plan(config, devices, *, target: str = "local", device_memory: int | None = None,
-              parts: bool = False) -> Plan:
+              parts: bool = False, shapes_only: bool = False) -> Plan:
   """Compiles `config`'s iteration for `devices` from shapes only and reads XLA's analyses.
 
   Memory comes from the production iteration. XLA's cost analysis counts a loop body once, so
   with gradient accumulation (num_micro > 1) FLOPs and the cost-model time come from a second
   compile of the same iteration with global batch = micro-batch, times num_micro (the optimiser
   and EMA updates, a small part, are then counted num_micro times). With `parts`, see
-  `Plan.method`.
+  `Plan.method`. With `shapes_only` nothing is compiled: `total` is the sharded state and
+  teacher alone, a lower bound (seconds instead of minutes for real-size models).
   """
   run = run_lib.build_run(config, devices, abstract=True)
   abstract = run_lib.abstract_checkpoint(run)["state"]
@@ -248,7 +252,12 @@ def make_plan(config, devices, *, target: str = "local", device_memory: int | No
   num_micro = run.setup.num_micro
   micro_config = _micro_config(config, run.setup.micro_batch)
   part_info = None
-  if parts:
+  cost = {}
+  if shapes_only:
+    xla = None
+    compile_s = 0.0
+    total = _per_device_bytes(abstract) + _per_device_bytes(teacher)
+  elif parts:
     part_info = _compile_parts(micro_config, devices)
     xla = {name: max(p["xla"][name] for p in part_info.values())
            for name in next(iter(part_info.values()))["xla"]}
@@ -283,7 +292,8 @@ def make_plan(config, devices, *, target: str = "local", device_memory: int | No
       micro_batch=run.setup.micro_batch, num_micro=num_micro,
       state={part: _per_device_bytes(getattr(abstract, part)) for part in STATE_PARTS},
       teacher=_per_device_bytes(teacher), xla=xla, total=total, device_memory=device_memory,
-      fits=None if device_memory is None else total <= device_memory,
+      fits=(None if device_memory is None or (shapes_only and total <= device_memory)
+            else total <= device_memory),
       flops=flops,
       bytes_accessed=None if cost.get("bytes accessed") is None else float(
           cost["bytes accessed"]) * num_micro,
@@ -292,7 +302,8 @@ def make_plan(config, devices, *, target: str = "local", device_memory: int | No
       images_per_second_per_chip=None if seconds is None else batch / n / seconds,
       unsharded={"state": unsharded_leaves(abstract, run.mesh, min_size),
                  "teacher": unsharded_leaves(teacher, run.mesh, min_size)},
-      compile_seconds=compile_s, method="parts" if parts else "iteration",
+      compile_seconds=compile_s,
+      method="shapes" if shapes_only else "parts" if parts else "iteration",
       parts=None if part_info is None else {
           k: {"xla": v["xla"], "total": _xla_total(v["xla"]),
               "flops": v["cost"].get("flops"), "compile_seconds": v["compile_seconds"]}
@@ -308,7 +319,7 @@ def _gib(x) -> str:
 def format_plan(p: Plan) -> str:
   lines = [f"Plan for {p.target}: {p.num_devices} x {p.device_kind}, mesh {p.mesh}, global batch "
            f"{p.global_batch} = {p.num_micro} x micro-batch {p.micro_batch} "
-           f"(compiled in {p.compile_seconds:.1f} s).",
+           f"({p.method}; compiled in {p.compile_seconds:.1f} s).",
            "Per device:"]
   names = {"generator": "generator", "generator_ema": "generator EMA",
            "fake_score": "fake score", "generator_opt": "generator Adam state",
@@ -316,7 +327,9 @@ def format_plan(p: Plan) -> str:
   for part, label in names.items():
     lines.append(f"  {label:<28}{_gib(p.state[part])}")
   lines.append(f"  {'frozen teacher':<28}{_gib(p.teacher)}")
-  if p.parts:
+  if p.xla is None:
+    lines.append("  (not compiled: --shapes_only; the total below is a lower bound)")
+  elif p.parts:
     lines.append("  (compiled as parts, one micro-batch each; XLA numbers per part)")
     for part, info in p.parts.items():
       x = info["xla"]
@@ -327,7 +340,8 @@ def format_plan(p: Plan) -> str:
   else:
     for name in ("argument", "output", "alias", "temp", "generated_code"):
       lines.append(f"  {'XLA ' + name.replace('_', ' '):<28}{_gib(p.xla[name])}")
-  fits = {None: "unknown (pass --device_memory_gib)", True: "yes", False: "NO"}[p.fits]
+  fits = {None: "unknown" + (" (pass --device_memory_gib)" if p.device_memory is None else ""),
+          True: "yes", False: "NO"}[p.fits]
   lines.append(f"  {'total':<28}{_gib(p.total)} of {_gib(p.device_memory)}: fits {fits}")
   if p.flops is not None:
     lines.append(f"  {'FLOPs per iteration':<28}{p.flops:.4g}")
@@ -353,13 +367,16 @@ def format_plan(p: Plan) -> str:
 
 
 def run(config, target: str = "local", device_memory_gib: float | None = None,
-        json_path: str = "", parts: bool = False) -> Plan:
+        json_path: str = "", parts: bool = False, shapes_only: bool = False) -> Plan:
   """Plans `config` for `target`, prints the table and optionally writes JSON (in-process use)."""
   if device_memory_gib is not None and device_memory_gib <= 0:
     raise ValueError(f"--device_memory_gib must be positive, got {device_memory_gib}.")
   devices = target_devices(target)
   memory = None if device_memory_gib is None else int(device_memory_gib * GIB)
-  plan = make_plan(config, devices, target=target, device_memory=memory, parts=parts)
+  if parts and shapes_only:
+    raise ValueError("--parts and --shapes_only exclude each other.")
+  plan = make_plan(config, devices, target=target, device_memory=memory, parts=parts,
+                   shapes_only=shapes_only)
   print(format_plan(plan))
   if json_path:
     with open(json_path, "w") as out:
@@ -373,7 +390,8 @@ def main(argv) -> None:
   if FLAGS.config is None:
     raise app.UsageError("--config is required (configs/NAME.py[:ARG]).")
   plan = cli.report_errors("sid_jax.plan", lambda: run(
-      FLAGS.config, FLAGS.target, FLAGS.device_memory_gib, FLAGS.json, FLAGS.parts),
+      FLAGS.config, FLAGS.target, FLAGS.device_memory_gib, FLAGS.json, FLAGS.parts,
+      FLAGS.shapes_only),
                            errors=(ValueError, FileNotFoundError, RuntimeError))
   if plan.fits is False:
     sys.exit(3)  # a launch script can stop here

@@ -84,6 +84,15 @@ def test_full_size_stable_diffusion_builds_from_shapes_without_any_file():
   assert run.feed.abstract()["fake"].shape == (32, 16, 77)
   with pytest.raises(RuntimeError, match="abstract"):
     run.feed.next()
+  # --shapes_only: the sharded state and teacher in seconds, a lower bound on memory.
+  config = configs_util.load("sid_lsg.py", "teacher=sd15,kappa=1.5", **{"mesh.fsdp": 8})
+  p = plan_lib.make_plan(config, jax.devices(), shapes_only=True, device_memory=100 * 2**30)
+  assert p.method == "shapes" and p.xla is None and p.fits is None  # a lower bound cannot say yes
+  assert unet * 4 / 8 <= p.state["generator"] < unet * 4 / 8 + 0.2 * 2**30
+  assert 0 <= p.total - sum(p.state.values()) - p.teacher <= 16  # + the step counters
+  small = plan_lib.make_plan(config, jax.devices(), shapes_only=True, device_memory=2**30)
+  assert small.fits is False
+  assert "lower bound" in plan_lib.format_plan(p)
 
 
 @pytest.mark.parametrize("args, message", [
