@@ -84,6 +84,10 @@ def target_devices(target: str) -> list:
   if all(d.isdigit() for d in dims) and int(np.prod([int(d) for d in dims])) < 4:
     # Fewer chips than one host's default 2x2x1 (e.g. v5e:1x1, a single chip): one smaller host.
     options["chips_per_host_bounds"] = tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
+  if topology.startswith("v4"):
+    # JAX runs v4 chips in megacore mode (one device per chip, both TensorCores); libtpu's default
+    # description has one device per core, which JAX cannot lay out as a mesh.
+    options["chip_config_name"] = "megacore"
   try:
     return list(topologies.get_topology_desc(topology_name=topology, platform="tpu",
                                              **options).devices)
