@@ -40,6 +40,10 @@ def test_local_plan_matches_the_real_run_on_the_same_mesh(tmp_path):
   assert p.state["generator"] > 0 and p.xla["temp"] > 0 and p.total > 0
   assert p.fits is True and p.device_memory == 2**30
   assert p.flops > 0 and p.flops_per_image == pytest.approx(p.flops * 8 / 32)
+  # --shapes_only takes its FLOPs from the traced (unoptimised) program: the same work.
+  shapes = plan_lib.make_plan(config, jax.devices(), shapes_only=True)
+  assert shapes.flops_per_image == pytest.approx(p.flops_per_image, rel=0.1)
+  assert shapes.state == p.state and shapes.xla is None
   saved = json.load(open(tmp_path / "p.json"))
   assert saved["state"] == p.state and saved["total"] == p.total
   # Every splittable leaf is split: only the step counters stay whole.
