@@ -135,8 +135,9 @@ def build_run(config: ml_collections.ConfigDict, devices=None, *, abstract: bool
     # Host (NumPy) copies: nothing unsharded stays on a device once the sharded state and the
     # teacher on the mesh exist (`initial_state`, `teacher_on_mesh` place them from here). A
     # generator initialised from the teacher shares the teacher's host arrays.
+    same = init_params is teacher.params
     teacher = dataclasses.replace(teacher, params=jax.device_get(teacher.params))
-    init_params = jax.device_get(init_params)
+    init_params = teacher.params if same else jax.device_get(init_params)
   abstract_state = jax.eval_shape(lambda p: steps.init_state(setup, p, p), init_params)
   feed = None
   if a.make_feed:
