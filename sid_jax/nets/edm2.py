@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sid_jax.nets import layers
+
 Array = jax.Array
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -104,8 +106,9 @@ def mp_cat(a: Array, b: Array, axis: int = -1, t: float = 0.5) -> Array:
 def resample(x: Array, f: Sequence[float] = (1, 1), mode: str = "keep") -> Array:
   """Depthwise 2x down- or upsampling of NHWC `x` with the separable filter outer(f, f)/sum(f)^2.
 
-  'down' is a stride-2 convolution; 'up' is the stride-2 transposed convolution with the filter
-  times 4 (with f = [1, 1]: 2x2 average pooling and nearest-neighbour upsampling).
+  'down' equals the stride-2 convolution, 'up' the stride-2 transposed convolution with the filter
+  times 4, both with padding (len(f) - 1) // 2; with f = [1, 1]: 2x2 average pooling and
+  nearest-neighbour upsampling. Computed without convolutions (`layers.downsample` / `upsample`).
   """
   if mode == "keep":
     return x
@@ -113,26 +116,10 @@ def resample(x: Array, f: Sequence[float] = (1, 1), mode: str = "keep") -> Array
   if f.ndim != 1 or len(f) % 2 != 0:
     raise ValueError(f"resample filter must be 1-D of even length, got {f.tolist()}.")
   pad = (len(f) - 1) // 2
-  f = f / f.sum()
-  f2 = np.outer(f, f)
-  c = x.shape[-1]
-  dims = ("NHWC", "HWIO", "NHWC")
   if mode == "down":
-    kernel = jnp.asarray(np.tile(f2[:, :, None, None], (1, 1, 1, c)), x.dtype)
-    return jax.lax.conv_general_dilated(x, kernel, window_strides=(2, 2),
-                                        padding=[(pad, pad), (pad, pad)], dimension_numbers=dims,
-                                        feature_group_count=c, precision=_HIGHEST)
+    return layers.downsample(x, f, pad)
   if mode == "up":
-    # A transposed convolution = a convolution of the 2x zero-dilated input with the flipped
-    # kernel, padded by (k - 1 - pad) on each side.
-    k = f2.shape[0]
-    flipped = (f2 * 4)[::-1, ::-1]
-    kernel = jnp.asarray(np.tile(flipped[:, :, None, None], (1, 1, 1, c)), x.dtype)
-    edge = k - 1 - pad
-    return jax.lax.conv_general_dilated(x, kernel, window_strides=(1, 1),
-                                        padding=[(edge, edge), (edge, edge)],
-                                        lhs_dilation=(2, 2), dimension_numbers=dims,
-                                        feature_group_count=c, precision=_HIGHEST)
+    return layers.upsample(x, f, pad)
   raise ValueError(f"Unknown resample mode {mode!r}; expected 'keep', 'down' or 'up'.")
 
 

@@ -88,36 +88,119 @@ def _conv(x: Array, kernel: Array, padding: int, precision, stride: int = 1,
                                       precision=precision)
 
 
-def _depthwise_filter(f2d: Array, channels: int) -> Array:
-  return jnp.tile(f2d[:, :, None, None], (1, 1, 1, channels))
+def _normalized_taps(taps: Sequence[float]) -> np.ndarray:
+  """The 1-D taps `f / sum(f)`; `outer` of them is `resample_filter_2d(taps)`."""
+  f = np.asarray(taps, dtype=np.float64)
+  if f.ndim != 1 or f.size == 0:
+    raise ValueError(f"resample filter must be a non-empty 1-D sequence, got {taps!r}.")
+  return f / f.sum()
 
 
-def downsample(x: Array, f2d: Array, padding: int, precision=DEFAULT_PRECISION) -> Array:
-  """Per-channel filtering with `f2d` at stride 2 (torch conv2d, groups=C, padding each side)."""
-  return _conv(x, _depthwise_filter(f2d, x.shape[-1]), padding, precision, stride=2,
-               groups=x.shape[-1])
+def _is_box(taps: np.ndarray, padding: int) -> bool:
+  return taps.size == 2 and taps[0] == taps[1] and padding == 0
 
 
-def upsample(x: Array, f2d: Array, padding: int, precision=DEFAULT_PRECISION) -> Array:
-  """Per-channel transposed filtering with `4 * f2d` at stride 2.
+def _pad_axis(x: Array, axis: int, lo: int, hi: int) -> Array:
+  if lo == hi == 0:
+    return x
+  config = [(0, 0, 0)] * x.ndim
+  config[axis] = (lo, hi, 0)
+  return jax.lax.pad(x, jnp.zeros((), x.dtype), config)
 
-  Same result as torch `conv_transpose2d(x, 4f, stride=2, padding=padding, groups=C)`: the
-  transposed convolution is a convolution of the 2x zero-dilated input with the flipped kernel,
-  padded by `k - 1 - padding` on each side.
+
+def _resized(shape: tuple[int, ...], axis: int, size: int) -> tuple[int, ...]:
+  return shape[:axis] + (size,) + shape[axis + 1:]
+
+
+def _weighted_sum(terms, shape, dtype) -> Array:
+  """sum(w * t) over (w, t) pairs of arrays of `shape`, skipping zero weights and factors 1."""
+  out = None
+  for weight, term in terms:
+    if weight == 0:
+      continue
+    term = term if weight == 1 else term * float(weight)
+    out = term if out is None else out + term
+  return jnp.zeros(shape, dtype) if out is None else out
+
+
+def _down_1d(x: Array, taps: np.ndarray, padding: int, axis: int) -> Array:
+  """Correlation with `taps` at stride 2 along `axis` (torch conv1d semantics, zero padding)."""
+  k = taps.size
+  n_out = (x.shape[axis] + 2 * padding - k) // 2 + 1
+  if n_out <= 0:
+    raise ValueError(f"downsample: {x.shape[axis]} pixels are too few for a {k}-tap filter.")
+  xp = _pad_axis(x, axis, padding, padding)
+  terms = [(taps[i], jax.lax.slice_in_dim(xp, i, i + 2 * n_out - 1, 2, axis)) for i in range(k)]
+  return _weighted_sum(terms, _resized(x.shape, axis, n_out), x.dtype)
+
+
+def _up_1d(x: Array, taps: np.ndarray, padding: int, axis: int) -> Array:
+  """Transposed correlation with `taps` at stride 2 along `axis` (torch conv_transpose1d).
+
+  Output j sums x[i] * taps[t] over 2 i + t - padding = j. Outputs of one parity r take the taps
+  of one parity, so each phase is a short sum of shifted copies of x; the phases are interleaved.
   """
-  k = f2d.shape[0]
-  pad = k - 1 - padding
-  if pad < 0:
+  n, k = x.shape[axis], taps.size
+  length = 2 * (n - 1) + k - 2 * padding
+  if padding > k - 1 or length <= 0:
     raise ValueError(f"upsample: padding {padding} too large for a {k}-tap filter.")
-  kernel = _depthwise_filter(4 * f2d[::-1, ::-1], x.shape[-1])
-  return jax.lax.conv_general_dilated(x,
-                                      kernel,
-                                      window_strides=(1, 1),
-                                      padding=((pad, pad), (pad, pad)),
-                                      lhs_dilation=(2, 2),
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                      feature_group_count=x.shape[-1],
-                                      precision=precision)
+  phases = []
+  for r in range(2):
+    size = (length - r + 1) // 2
+    # Output 2 m + r takes x[m + d] * taps[t] for every tap t with r + padding - t = 2 d.
+    shifts = [(t, (r + padding - t) // 2) for t in range(k) if (r + padding - t) % 2 == 0]
+    lo = max([0] + [-d for _, d in shifts])
+    hi = max([0] + [d + size - n for _, d in shifts])
+    xp = _pad_axis(x, axis, lo, hi)
+    terms = [(taps[t], jax.lax.slice_in_dim(xp, lo + d, lo + d + size, 1, axis))
+             for t, d in shifts]
+    phases.append(_weighted_sum(terms, _resized(x.shape, axis, size), x.dtype))
+  even, odd = phases
+  odd = _pad_axis(odd, axis, 0, even.shape[axis] - odd.shape[axis])
+  both = jnp.stack([even, odd], axis=axis + 1)
+  both = both.reshape(_resized(x.shape, axis, 2 * even.shape[axis]))
+  return jax.lax.slice_in_dim(both, 0, length, 1, axis)
+
+
+def downsample(x: Array, taps: Sequence[float], padding: int) -> Array:
+  """2x downsampling of NHWC `x` with the filter `resample_filter_2d(taps)`.
+
+  The same values (up to float rounding) as the per-channel stride-2 convolution, torch
+  `conv2d(x, f, stride=2, padding=padding, groups=C)`, computed without a convolution: a box filter
+  ([1, 1], no padding) is a 2x2 mean, any other filter two separable 1-D passes of shifted,
+  strided slices. Sums run in at least float32; the result has the dtype of `x`.
+  """
+  f = _normalized_taps(taps)
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  y = x.astype(dtype)
+  if _is_box(f, padding):
+    b, h, w, c = y.shape
+    h2, w2 = h // 2, w // 2
+    y = y[:, :2 * h2, :2 * w2].reshape(b, h2, 2, w2, 2, c)
+    y = (y[:, :, 0, :, 0] + y[:, :, 0, :, 1] + y[:, :, 1, :, 0] + y[:, :, 1, :, 1]) * 0.25
+  else:
+    y = _down_1d(_down_1d(y, f, padding, 1), f, padding, 2)
+  return y.astype(x.dtype)
+
+
+def upsample(x: Array, taps: Sequence[float], padding: int) -> Array:
+  """2x upsampling of NHWC `x` with the filter `4 * resample_filter_2d(taps)`.
+
+  The same values (up to float rounding) as torch `conv_transpose2d(x, 4 f, stride=2,
+  padding=padding, groups=C)`, without a convolution: a box filter ([1, 1], no padding) is
+  nearest-neighbour repetition, any other filter two separable 1-D polyphase passes with taps
+  `2 f / sum(f)`. Sums run in at least float32; the result has the dtype of `x`.
+  """
+  f = _normalized_taps(taps)
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  y = x.astype(dtype)  # also for the box filter: its gradient sums 4 values
+  if _is_box(f, padding):
+    b, h, w, c = y.shape
+    y = jnp.broadcast_to(y[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+    y = y.reshape(b, 2 * h, 2 * w, c)
+  else:
+    y = _up_1d(_up_1d(y, 2 * f, padding, 1), 2 * f, padding, 2)
+  return y.astype(x.dtype)
 
 
 class Linear(nn.Module):
@@ -185,21 +268,21 @@ class Conv2d(nn.Module):
     elif self.features != cin:
       raise ValueError(f"Conv2d without a kernel must keep the channel count ({cin} vs "
                        f"{self.features}).")
-    f = jnp.asarray(self.filter_2d(), x.dtype) if self.has_filter else None
+    f = tuple(self.resample_filter)
     w_pad = k // 2 if w is not None else 0
-    f_pad = (f.shape[0] - 1) // 2 if f is not None else 0
+    f_pad = (len(f) - 1) // 2 if self.has_filter else 0
 
     if self.fused_resample and self.up and w is not None:
-      x = upsample(x, f, max(f_pad - w_pad, 0), self.precision)
+      x = upsample(x, f, max(f_pad - w_pad, 0))
       x = _conv(x, w, max(w_pad - f_pad, 0), self.precision)
     elif self.fused_resample and self.down and w is not None:
       x = _conv(x, w, w_pad + f_pad, self.precision)
-      x = downsample(x, f, 0, self.precision)
+      x = downsample(x, f, 0)
     else:
       if self.up:
-        x = upsample(x, f, f_pad, self.precision)
+        x = upsample(x, f, f_pad)
       if self.down:
-        x = downsample(x, f, f_pad, self.precision)
+        x = downsample(x, f, f_pad)
       if w is not None:
         x = _conv(x, w, w_pad, self.precision)
     if b is not None:
