@@ -294,7 +294,10 @@ class GroupNorm(nn.Module):
   """Group normalisation with EDM's group count `min(num_groups, C // min_channels_per_group)`.
 
   Statistics are two-pass (mean, then mean squared deviation) over H, W and the channels of a
-  group, in at least float32. Parameters: `scale` (torch `weight`, ones) and `bias` (zeros).
+  group, in at least float32. The full tensor is never split into [..., groups, C / groups]: each
+  pass reduces over H, W to per-channel values [B, C], which are combined into groups on that small
+  tensor, and the output is `(x - mean) * a + bias` with a per-channel `a`. Parameters: `scale`
+  (torch `weight`, ones) and `bias` (zeros).
   """
   num_groups: int = 32
   min_channels_per_group: int = 4
@@ -307,13 +310,20 @@ class GroupNorm(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (c,))
     bias = self.param("bias", nn.initializers.zeros, (c,))
     dtype = jnp.promote_types(x.dtype, jnp.float32)
-    xg = x.astype(dtype).reshape(x.shape[:-1] + (groups, c // groups))
-    axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
-    mean = jnp.mean(xg, axis=axes, keepdims=True)
-    centred = xg - mean
-    var = jnp.mean(jnp.square(centred), axis=axes, keepdims=True)
-    y = (centred / jnp.sqrt(var + self.eps)).reshape(x.shape)
-    y = y * scale.astype(dtype) + bias.astype(dtype)
+    xf = x.astype(dtype)
+    lead, per_group = x.shape[0], c // groups
+    spatial = tuple(range(1, x.ndim - 1))
+    stat_shape = (lead,) + (1,) * len(spatial) + (c,)
+
+    def per_channel_group_mean(v):  # [B, C] -> the mean of each group, repeated per channel
+      g = jnp.mean(v.reshape(lead, groups, per_group), axis=-1, keepdims=True)
+      return jnp.broadcast_to(g, (lead, groups, per_group)).reshape(stat_shape)
+
+    mean = per_channel_group_mean(jnp.mean(xf, axis=spatial))
+    centred = xf - mean
+    var = per_channel_group_mean(jnp.mean(jnp.square(centred), axis=spatial))
+    a = scale.astype(dtype) / jnp.sqrt(var + self.eps)
+    y = centred * a + bias.astype(dtype)
     return y.astype(x.dtype)
 
 
