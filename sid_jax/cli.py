@@ -30,6 +30,24 @@ def parser(own: flags.FlagValues, doc: str) -> Callable[[list[str]], list[str]]:
   return parse
 
 
+def quiet_parser(own: flags.FlagValues, doc: str, name: str) -> Callable[[list[str]], list[str]]:
+  """`parser`, with a bad flag reported as one line (`name: error: ...`, exit status 2) and
+  library INFO logs (Orbax's) shown only with an explicit --verbosity."""
+  parse = parser(own, doc)
+
+  def quiet(argv: list[str]) -> list[str]:
+    try:
+      args = parse(argv)
+    except flags.Error as e:
+      print(f"{name}: error: {e}", file=sys.stderr)
+      sys.exit(2)
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)
+    return args
+
+  return quiet
+
+
 def report_errors(name: str, fn: Callable[[], object],
                   errors: Sequence[type[BaseException]] = (ValueError, FileNotFoundError)):
   """Runs `fn`; an error of the given types exits with status 2 and one line naming the tool."""

@@ -40,11 +40,10 @@ import importlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from typing import Any
 
-from absl import app, flags, logging
+from absl import app, flags
 import numpy as np
 
 from sid_jax import checkpoints, cli, models
@@ -398,17 +397,5 @@ def main(argv: list[str]) -> None:
   print("\n".join(summary.lines()))
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """`cli.parser`; Orbax's INFO logs are shown only with an explicit --verbosity."""
-  try:
-    args = cli.parser(FLAGS, __doc__)(argv)
-  except flags.Error as e:
-    print(f"sid_jax.export: error: {e}", file=sys.stderr)
-    sys.exit(2)
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  return args
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.quiet_parser(FLAGS, __doc__, "sid_jax.export"))

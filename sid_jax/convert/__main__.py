@@ -72,7 +72,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from sid_jax import cli
 from sid_jax.models import official
@@ -162,18 +161,5 @@ def main(argv: list[str] | None = None) -> int:
   return _finish(lambda: run([PROG, *argv]))
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """`cli.parser` (help, then this module's flags, then absl's), a bad flag as one line. Library
-  INFO logs (Orbax's) are shown only with an explicit --verbosity."""
-  try:
-    args = cli.parser(FLAGS, __doc__)(argv)
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  return args
-
-
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(_finish(lambda: execute(argv[1:]))), flags_parser=_parse_flags)
+  app.run(lambda argv: sys.exit(_finish(lambda: execute(argv[1:]))), flags_parser=cli.quiet_parser(FLAGS, __doc__, "sid_jax.convert"))
