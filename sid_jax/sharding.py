@@ -64,6 +64,24 @@ def batch_sharding(mesh: Mesh, leading_dims: int = 0) -> NamedSharding:
   return NamedSharding(mesh, P(*([None] * leading_dims), BATCH_AXES))
 
 
+def split_batch(x):
+  """`x` with its leading (batch) dimension constrained to be split over every mesh axis.
+
+  Networks call this on their convolution outputs so that, under FSDP, the partitioner gathers
+  the split weights and keeps activations split over the batch, rather than splitting a
+  convolution over the weight's output channels and repeating the rest of the block on every
+  `fsdp` device. A no-op outside a mesh context (`jax.set_mesh`), on one device, for a batch the
+  mesh does not divide, and for arrays that are not batched activations (scalars).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names) or not getattr(x, "ndim", 0):
+    return x
+  n = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+  if n == 1 or x.shape[0] % n:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
+
+
 def fsdp_spec(shape: Sequence[int], fsdp: int, min_size: int) -> P:
   """Splits the largest dimension divisible by `fsdp` (ties: the last one), if large enough."""
   if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:

@@ -38,6 +38,7 @@ def _iterate(data, fsdp):
   teacher = run_lib.teacher_on_mesh(run)
   key = jax.random.key(0)
   compiled = run_lib.compile_train_step(run, state, teacher, key)
+  flops = float(compiled.cost_analysis()["flops"]) * data * fsdp  # per device -> all devices
   initial = jax.device_get(state.generator)
   losses = []
   for _ in range(NUM_STEPS):  # the AOT-compiled step: a changed layout would fail, not recompile
@@ -46,7 +47,7 @@ def _iterate(data, fsdp):
   # The step's out_shardings are its in_shardings: the state can go round the loop unchanged.
   for leaf, want in zip(jax.tree.leaves(state), jax.tree.leaves(run.state_shardings)):
     assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
-  return run, state, losses, initial
+  return run, state, losses, initial, flops
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def results():
 
 
 def test_every_splittable_leaf_is_sharded_over_fsdp(results):
-  run, state, _, _ = results["1x8"]
+  run, state, _, _, _ = results["1x8"]
   split = kept = 0
   for leaf in jax.tree.leaves(state):
     spec = leaf.sharding.spec
@@ -76,8 +77,8 @@ def test_every_splittable_leaf_is_sharded_over_fsdp(results):
 def test_meshes_give_the_same_losses_and_parameters(results, name):
   """Losses of every iteration, generator, EMA, fake score and both Adam states agree across
   layouts to float32 rounding, after parameters really moved."""
-  _, ref_state, ref_losses, initial = results["1x1"]
-  _, state, losses, _ = results[name]
+  _, ref_state, ref_losses, initial, _ = results["1x1"]
+  _, state, losses, _, _ = results[name]
   assert int(state.step) == int(ref_state.step) == NUM_STEPS
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-5)
   assert len({round(l, 3) for l, _ in ref_losses}) == NUM_STEPS  # the iterations really differ
@@ -88,6 +89,16 @@ def test_meshes_give_the_same_losses_and_parameters(results, name):
   moved = max(float(np.max(np.abs(a - b))) for a, b in
               zip(jax.tree.leaves(ref.generator), jax.tree.leaves(initial)))
   assert moved > 100 * 1e-6  # the tolerance is far below how far the parameters moved
+
+
+@pytest.mark.parametrize("name", ["8x1", "1x8", "2x4"])
+def test_no_work_is_repeated_across_devices(results, name):
+  """The devices of a mesh together do the one-device iteration's work, not a multiple of it:
+  activations stay split over the batch (`sharding.split_batch` in the networks), so no
+  convolution runs on a whole `data` group's batch on every `fsdp` device. Measured 1.00-1.05x of
+  one device's FLOPs; splitting the convolutions over output channels instead gave 1.25x."""
+  one = results["1x1"][4]
+  assert results[name][4] == pytest.approx(one, rel=0.1)
 
 
 def test_bad_fsdp_min_size_is_refused():
@@ -141,7 +152,7 @@ def test_checkpoint_from_2x4_resumes_on_one_device_and_on_1x8(tmp_path):
 def test_whole_parameter_trees_stay_on_the_host(results):
   """The run's unsharded initial parameters and teacher are NumPy: on devices there are only the
   sharded state and the teacher on the mesh."""
-  run, state, _, _ = results["1x8"]
+  run, state, _, _, _ = results["1x8"]
   for tree in (run.init_params, run.teacher.params):
     assert all(isinstance(leaf, np.ndarray) for leaf in jax.tree.leaves(tree))
   assert all(len(leaf.sharding.device_set) == 8 for leaf in jax.tree.leaves(state))

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sid_jax import sharding
 from sid_jax.nets import layers
 
 Array = jax.Array
@@ -185,10 +186,10 @@ class MPConv(nn.Module):
     if w.ndim != 4:
       raise ValueError(f"MPConv kernel must be () or (kh, kw), got {self.kernel}.")
     pad = w.shape[-1] // 2
-    return jax.lax.conv_general_dilated(x, w, window_strides=(1, 1),
-                                        padding=[(pad, pad), (pad, pad)],
-                                        dimension_numbers=("NHWC", "OIHW", "NHWC"),
-                                        precision=_HIGHEST)
+    return sharding.split_batch(
+        jax.lax.conv_general_dilated(x, w, window_strides=(1, 1), padding=[(pad, pad), (pad, pad)],
+                                     dimension_numbers=("NHWC", "OIHW", "NHWC"),
+                                     precision=_HIGHEST))
 
 
 class Block(nn.Module):

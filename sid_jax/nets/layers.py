@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sid_jax import sharding
+
 Array = jax.Array
 
 # The reference implementation runs in full float32 (EDM disables TF32), so by default every
@@ -79,13 +81,13 @@ def num_groups_for(num_channels: int, num_groups: int = 32, min_channels_per_gro
 
 def _conv(x: Array, kernel: Array, padding: int, precision, stride: int = 1,
           groups: int = 1) -> Array:
-  return jax.lax.conv_general_dilated(x,
+  return sharding.split_batch(jax.lax.conv_general_dilated(x,
                                       kernel,
                                       window_strides=(stride, stride),
                                       padding=((padding, padding), (padding, padding)),
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                       feature_group_count=groups,
-                                      precision=precision)
+                                      precision=precision))
 
 
 def _normalized_taps(taps: Sequence[float]) -> np.ndarray:

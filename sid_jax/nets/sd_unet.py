@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sid_jax import sharding
 from sid_jax.nets import attention
 
 Array = jax.Array
@@ -106,7 +107,7 @@ class Conv(nn.Module):
                                      padding=pads,
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                      precision=self.precision)
-    return y + bias.astype(self.dtype)
+    return sharding.split_batch(y + bias.astype(self.dtype))
 
 
 class GroupNorm(nn.Module):
