@@ -21,7 +21,14 @@ Common to all sizes (`run_sid_edm2.sh`): lr = glr = 5e-5, Adam betas (0, 0.999) 
 noise lognormal(-0.4, 1.0), EDM2's learned log-variance dividing every loss (`use_logvar`), loss
 scales 1 (fake) / 100 (generator), and forced weight normalisation of the generator and the fake
 score (spec §7.2). The data are 4x64x64 normalised SD-VAE latents with 1000 ImageNet classes;
-the distillation itself never decodes them (sample grids show raw latents).
+the distillation itself never decodes them. Sample grids, in-loop evaluation, the exported
+generator and `sid_jax.sample` decode them to 512x512 images with EDM2's VAE,
+stabilityai/sd-vae-ft-mse, and EDM2's latent normalisation (spec §7.4):
+
+  python -m sid_jax.convert vae --src sd-vae-ft-mse --dst vaes/sd-vae-ft-mse
+  ... --config.decoder.vae=vaes/sd-vae-ft-mse
+
+Without `--config.decoder.vae` (default '') grids show the raw latents' first three channels.
 
 `micro_batch` = 2048 / (official accumulation rounds) = 4 GPUs x batch_gpu; with more devices
 than it allows (it must be divisible by the batch shards), raise it with
@@ -30,7 +37,8 @@ than it allows (it must be divisible by the batch shards), raise it with
 
 `:size=...,tiny` keeps the method on an 8x8x4 random EDM2 teacher (`Precond` with a log-variance
 head, the size's dropout; teacher type 'random', no files), 10 classes instead of 1000, a batch of
-16 in one accumulation round and 3 steps: for tests and smoke runs only.
+16 in one accumulation round, 3 steps, and a tiny random VAE decoding the latents to 16x16
+images: for tests and smoke runs only.
 
   python -m sid_jax.main --config=configs/sid_edm2.py:size=xs,tiny --workdir=/tmp/t
 """
@@ -147,5 +155,6 @@ def get_config(arg=None):
     c.data.resolution = 8
     c.data.label_dim = 10  # 1000 classes would make every sample grid 1000 rows tall
     c.model.kwargs = tiny_arch(dict(c.model.kwargs))
+    c.decoder.vae = "random"
     config_base.tiny_schedule(c, batch=16)
   return c

@@ -66,6 +66,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.gmm.seed = 0
   c.teacher.gmm.mean_scale = 0.7
 
+  # Latent-space students (EDM2): how their latents become images for sample grids, in-loop
+  # FID, exports and `sid_jax.sample`. `vae`: '' (none: grids show raw latents), a converted
+  # SD VAE directory (`python -m sid_jax.convert vae`; EDM2 uses sd-vae-ft-mse) or 'random' (a
+  # tiny random VAE, smoke runs); EDM2's normalisation of the raw latents (spec §7.4).
+  c.decoder = ml_collections.ConfigDict()
+  c.decoder.vae = ""
+  c.decoder.raw_mean = [5.81, 3.25, 0.12, -2.15]
+  c.decoder.raw_std = [4.17, 4.62, 3.71, 3.28]
+  c.decoder.final_mean = 0.0
+  c.decoder.final_std = 0.5
+
   # Architecture of generator and fake score when they are not copies of a network teacher.
   c.model = ml_collections.ConfigDict()
   # A network spec (see sid_jax/models.py): an official precond class and its constructor
@@ -116,7 +127,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.training.global_batch = 256
   c.training.micro_batch = 256
   c.training.num_steps = 1000
+  # Stop after this many consecutive iterations with a non-finite loss or gradient (0 = never, as
+  # the official loop, which only applies nan_to_num to the gradients): a deviation, see train.py.
   c.training.max_nonfinite_steps = 10
+  # Resume a checkpoint even when settings that define the run differ (logged as a warning);
+  # see checkpoints.RESUMABLE_CHANGES for what may always change.
+  c.training.resume_allow_changes = False
 
   # Axes `data` and `fsdp` (-1: the remaining devices); parameters, gradients, EMA and optimiser
   # states with at least `fsdp_min_size` elements are split over `fsdp` (0: every leaf whose

@@ -190,7 +190,7 @@ def checkpoint_source(gen: CheckpointGenerator, num: int, seed: int) -> ImageSou
                         else "unconditional)"),
            "to_uint8": "clip(x * 127.5 + 128, 0, 255) truncated (the official export)",
            "teacher": run.teacher.info}
-  return ImageSource("checkpoint", gen.directory, num, tuple(run.setup.image_shape), batches,
+  return ImageSource("checkpoint", gen.directory, num, tuple(run.generator.image_shape), batches,
                      extra=extra)
 
 

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sid_jax import checkpoints, models, sharding
-from sid_jax.models import stable_diffusion
+from sid_jax.models import latent_decoder, stable_diffusion
 
 Array = jax.Array
 # What `python -m sid_jax.convert sd` writes beside a converted model.
@@ -238,11 +238,28 @@ class ClassGenerator(Generator):
   """
 
   def __init__(self, denoiser: Callable, params: Any, *, sigma_init: float,
-               image_shape: Sequence[int], label_dim: int, mesh=None):
+               image_shape: Sequence[int], label_dim: int, mesh=None, decoder=None):
+    """`image_shape` is what the network makes; with `decoder` (EDM2: a
+    `latent_decoder.LatentDecoder`) those are latents, and the images are their decoding."""
     self.denoiser, self.sigma_init = denoiser, float(sigma_init)
     self.latent_shape = self.image_shape = tuple(int(v) for v in image_shape)
     self.label_dim = int(label_dim)
+    self.decoder = decoder
     super().__init__(params, mesh)
+    self._decoder_params = None
+    if decoder is not None:
+      self.image_shape = decoder.image_shape(self.latent_shape)
+      self._decoder_params = jax.device_put(
+          decoder.params, sharding.param_shardings(self.mesh, decoder.params))
+
+  def batches(self, seeds: Sequence[int], conditions=None, steps: int = 1, *, params=None,
+              **kwargs) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    if self.decoder is not None:  # the program takes the VAE's parameters next to the network's
+      params = self.params if params is None else params
+      if params is None:
+        raise ValueError("This generator was built without parameters; pass params=.")
+      params = {"generator": params, "decoder": self._decoder_params}
+    return super().batches(seeds, conditions, steps, params=params, **kwargs)
 
   def sigmas(self, steps: int) -> tuple[float, ...]:
     if steps != 1:
@@ -290,7 +307,10 @@ class ClassGenerator(Generator):
       else:
         ids = jnp.where(classes >= 0, classes, jax.vmap(self._drawn_class)(keys))
         labels = jax.nn.one_hot(ids, self.label_dim, dtype=jnp.float32)
-      return gen(params, z, labels, keys=keys), ids
+      if self.decoder is None:
+        return gen(params, z, labels, keys=keys), ids
+      latents = gen(params["generator"], z, labels, keys=keys)
+      return self.decoder(params["decoder"], latents), ids
 
     return program
 
@@ -405,7 +425,11 @@ def load(directory: str, *, mesh=None, init_timestep: int | None = None) -> Gene
   params = checkpoints.load_network_params(
       directory, models.abstract_params(denoiser, (res, res, ch), label_dim))
   params = jax.device_put(params, sharding.param_shardings(mesh, params))
+  decoder = None
+  if spec.get("decoder"):
+    decoder = latent_decoder.from_generator(directory, spec["decoder"])
   gen = ClassGenerator(denoiser, params, sigma_init=float(spec["sigma_init"]),
-                       image_shape=(res, res, ch), label_dim=label_dim, mesh=mesh)
+                       image_shape=(res, res, ch), label_dim=label_dim, mesh=mesh,
+                       decoder=decoder)
   gen.spec = spec
   return gen

@@ -196,7 +196,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
     grid = run_lib.sample_grid(run, state.generator_ema, teacher_params)
     if is_main:
       path = os.path.join(workdir, "samples", f"{tag}_{step:08d}.png")
-      images.save_png(path, grid, scale=max(1, 128 // run.setup.image_shape[0]))
+      images.save_png(path, grid, scale=max(1, 128 // run.generator.image_shape[0]))
       writer.write_images(step, {"samples": grid[None]})
     return result
 
@@ -231,7 +231,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
         grid = run_lib.sample_grid(run, state.generator_ema, teacher_params)
         if is_main:
           images.save_png(os.path.join(workdir, "samples", f"grid_{step:08d}.png"), grid,
-                          scale=max(1, 128 // run.setup.image_shape[0]))
+                          scale=max(1, 128 // run.generator.image_shape[0]))
       if step % config.checkpoint.every_steps == 0:
         _check_streak(int(jax.device_get(pending)), config, ckpt)
         if int(jax.device_get(pending)) == 0:

@@ -19,10 +19,12 @@ import re
 
 import jax
 import numpy as np
+import PIL.Image
 import pytest
 
-from sid_jax import checkpoints, models, sharding, steps, train
+from sid_jax import checkpoints, models, sample, sharding, steps, train
 from sid_jax import run as run_lib
+from sid_jax.models import latent_decoder
 from sid_jax.nets import edm2
 from tests import configs_util
 
@@ -345,3 +347,16 @@ def test_tiny_job_end_to_end(name, arg, tmp_path):
         w = np.asarray(w).reshape(w.shape[0], -1)
         np.testing.assert_allclose(np.sqrt(np.mean(w**2, axis=1)), 1.0, atol=1e-3,
                                    err_msg=jax.tree_util.keystr(path))
+  if name == "sid_edm2.py":
+    # EDM2's latents are decoded (the tiny config's random VAE: 8x8x4 -> 16x16x3) in the grids,
+    # and the exported generator carries its VAE, so `sid_jax.sample` writes images.
+    assert spec["decoder"]["kind"] == latent_decoder.KIND
+    assert spec["decoder"]["source"] == latent_decoder.RANDOM
+    grid = np.asarray(PIL.Image.open(tmp_path / "samples" / sorted(
+        os.listdir(tmp_path / "samples"))[-1]))
+    assert grid.ndim == 3 and grid.shape[2] == 3
+    out = sample.run(outdir=str(tmp_path / "images"), seeds="0-2",
+                     checkpoint=str(tmp_path / "generator"))
+    shots = [np.asarray(PIL.Image.open(os.path.join(out, f))) for f in sorted(os.listdir(out))]
+    assert len(shots) == 3 and all(s.shape == (16, 16, 3) for s in shots)
+    assert np.std(np.stack(shots).astype(np.float32)) > 1

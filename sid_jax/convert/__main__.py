@@ -33,6 +33,11 @@ Usage:
   python -m sid_jax.convert sd --src stable-diffusion-v1-5 --generator sid_lsg_sd15.pkl \
       --dst gens/sid-lsg-sd15
 
+  # A lone Stable Diffusion VAE (diffusers AutoencoderKL: config.json and
+  # diffusion_pytorch_model.safetensors in --src or its vae/ subfolder), e.g. EDM2's
+  # stabilityai/sd-vae-ft-mse, which turns EDM2 latents into images (config.decoder.vae):
+  python -m sid_jax.convert vae --src sd-vae-ft-mse --dst vaes/sd-vae-ft-mse
+
 Then use the converted network as the teacher:
 
   python -m sid_jax.main --config=configs/X.py --workdir=DIR \
@@ -78,7 +83,7 @@ from sid_jax.models import official
 from sid_jax.weights import pickles
 
 PROG = "python -m sid_jax.convert"
-FAMILIES = ("edm", "edm2", "sd")
+FAMILIES = ("edm", "edm2", "sd", "vae")
 # The errors a user can cause; each is printed after "error: " and exits 1 (2 for UsageError).
 USER_ERRORS = (ValueError, FileNotFoundError, ImportError, pickles.UnsafePickleError)
 
@@ -105,7 +110,8 @@ _ = flags.DEFINE_string("generator", None, "sd: a SiD-LSG generator pickle "
 _ = flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --dst.",
                       flag_values=FLAGS)
 # Flags that only one kind of subcommand takes.
-_ONLY_FOR = {"spec": ("edm", "edm2"), "variant": ("sd",), "generator": ("sd",)}
+_ONLY_FOR = {"spec": ("edm", "edm2"), "variant": ("sd", "vae"), "generator": ("sd",),
+             "key": ("edm", "edm2", "sd")}
 
 
 class UsageError(ValueError):
@@ -125,6 +131,9 @@ def execute(args: list[str]):
     if FLAGS[name].present and family not in families:
       raise UsageError(f"--{name} is only for {' / '.join(families)}, not `{family}`.")
   key = "ema" if FLAGS.key is None else FLAGS.key
+  if family == "vae":
+    return official.convert_vae(FLAGS.src, FLAGS.dst, variant=FLAGS.variant,
+                                overwrite=FLAGS.overwrite)
   if family != "sd":
     return official.convert(family, FLAGS.src, FLAGS.dst, key=key, spec_path=FLAGS.spec,
                             overwrite=FLAGS.overwrite)

@@ -7,6 +7,7 @@ import jax
 
 from sid_jax import augment, checkpoints, generators, losses, models
 from sid_jax.methods import base
+from sid_jax.models import latent_decoder
 from sid_jax.nets import edm2
 
 
@@ -42,12 +43,22 @@ def assemble(config, abstract: bool = False) -> base.Assembly:
   image_shape = (d.resolution, d.resolution, d.channels)
   sigma_init = float(config.sid.sigma_init)
 
+  # EDM2: latents decoded to pixels by the SD VAE (none for plans, which generate nothing).
+  decoder = None if abstract else latent_decoder.from_config(config)
+  if decoder is not None:
+    decoder.image_shape(image_shape)  # the VAE takes these latents (raises otherwise)
+
   def make_generator(mesh):
     return generators.ClassGenerator(student, None, sigma_init=sigma_init,
-                                     image_shape=image_shape, label_dim=d.label_dim, mesh=mesh)
+                                     image_shape=image_shape, label_dim=d.label_dim, mesh=mesh,
+                                     decoder=decoder)
 
   def export(params, directory, step):
-    checkpoints.save_network(directory, params, dict(spec, sigma_init=sigma_init, step=step))
+    record = {} if decoder is None else {"decoder": decoder.record()}
+    checkpoints.save_network(directory, params,
+                             dict(spec, sigma_init=sigma_init, step=step, **record))
+    if decoder is not None:
+      decoder.save(directory)
 
   return base.Assembly(
       teacher=teacher, student=student, init_params=params, spec=spec, sigma_init=sigma_init,

@@ -32,7 +32,10 @@ import numpy as np
 
 from sid_jax import checkpoints
 from sid_jax.models import EDM2_CLASSES, EDM_CLASSES, _plain, build_denoiser, stable_diffusion
+from sid_jax.models import latent_decoder
+from sid_jax.nets import sd_vae
 from sid_jax.weights import diffusers, edm, edm2, pickles, readers, strict
+from sid_jax.weights import sd_vae as sd_vae_weights
 
 SOURCE_RECORD = "source.json"
 PICKLE_EXTENSIONS = (".pkl", ".pickle")
@@ -459,3 +462,56 @@ def convert_sd(src: str, dst: str, *, variant: str | None = None, generator: str
   return SDSummary(src=src, dst=dst, variant=variant, num_params=counts,
                    generator=os.path.abspath(generator) if generator else None,
                    key=key if generator else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# A lone Stable Diffusion VAE (EDM2 decodes its latents with sd-vae-ft-mse).
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class VAESummary:
+  """What `convert_vae` did."""
+  src: str
+  dst: str
+  variant: str | None
+  num_params: int
+
+  def lines(self) -> list[str]:
+    where = self.src + (f" (variant {self.variant})" if self.variant else "")
+    return [f"converted AutoencoderKL from {where}",
+            f"  parameters:    {self.num_params:,}",
+            f"  written to:    {self.dst}",
+            f"  use it with:   --config.decoder.vae={self.dst}"]
+
+
+def vae_folder(src: str) -> str:
+  """The folder holding the VAE's config.json: `src` itself (a VAE repository such as
+  stabilityai/sd-vae-ft-mse) or its `vae/` subfolder (a whole Stable Diffusion folder)."""
+  src = os.path.abspath(src)
+  for folder in (src, os.path.join(src, "vae")):
+    if os.path.isfile(os.path.join(folder, "config.json")):
+      return folder
+  raise FileNotFoundError(f"{src!r} holds no VAE: expected config.json and "
+                          "diffusion_pytorch_model.safetensors in it or in its vae/ subfolder.")
+
+
+def convert_vae(src: str, dst: str, *, variant: str | None = None,
+                overwrite: bool = False) -> VAESummary:
+  """Converts a local diffusers `AutoencoderKL` folder into `dst`: network.json
+  {"class_name": "AutoencoderKL", "kwargs": its config}, params/ and source.json."""
+  folder = vae_folder(src)
+  dst = check_dst(dst, overwrite)
+  config = readers.read_config(folder)
+  spec = {"class_name": latent_decoder.VAE_CLASS, "kwargs": config}
+  module = sd_vae.vae_from_config(config)
+  stems = diffusers.WEIGHT_STEMS["vae"]
+  params = sd_vae_weights.vae_params(readers.read_folder(folder, variant, stems=stems),
+                                     module)["params"]
+  checkpoints.save_network(dst, params, spec)
+  files = {os.path.basename(p): sha256_file(p)
+           for p in readers.weight_files(folder, variant, stems)}
+  _write_record(dst, {"class_name": latent_decoder.VAE_CLASS, "format": "diffusers",
+                      "source": folder, "variant": variant, "weights_sha256": files,
+                      "num_params": num_params(params)})
+  return VAESummary(src=folder, dst=dst, variant=variant, num_params=num_params(params))
