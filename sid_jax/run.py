@@ -99,7 +99,8 @@ class Run:
   generator: generators.Generator
   sampling_params: Callable[[Any, Any], Any]
   export: Callable[[Any, str, int], None]
-  feed: Any = None  # SiD-LSG: the prompt feed (lsg.PromptFeed)
+  feed: Any = None  # SiD-LSG: the prompt feed (lsg.PromptFeed); SiDA: real data (sida.PairFeed)
+  generator_init_params: Any = None  # SiD²A: the generator's own start (None: init_params)
 
 
 def build_run(config: ml_collections.ConfigDict, devices=None, *, abstract: bool = False) -> Run:
@@ -125,7 +126,7 @@ def build_run(config: ml_collections.ConfigDict, devices=None, *, abstract: bool
       global_batch=config.training.global_batch, micro_batch=config.training.micro_batch,
       generator_tx=optim.adam(o.gen_lr, o.gen_b1, o.b2, o.eps, clip_value=o.gen_clip_value),
       fake_tx=optim.adam(o.fake_lr, o.fake_b1, o.b2, o.eps, clip_value=o.fake_clip_value),
-      hyper=a.hyper, project=a.project,
+      hyper=a.hyper, project=a.project, project_fake=a.project_fake,
       draw_sharding=sharding.batch_sharding(mesh, 1), augment=a.augment,
       # XLA:CPU runs convolutions in a loop body ~25x slower: unroll there. Decided by the
       # devices the step runs on (a TPU plan compiled on a CPU host keeps its loop).
@@ -147,7 +148,7 @@ def build_run(config: ml_collections.ConfigDict, devices=None, *, abstract: bool
              state_shardings=sharding.param_shardings(mesh, abstract_state, min_size),
              teacher_shardings=sharding.param_shardings(mesh, teacher.params, min_size),
              generator=a.make_generator(mesh), sampling_params=a.sampling_params,
-             export=a.export, feed=feed)
+             export=a.export, feed=feed, generator_init_params=a.generator_init_params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,10 +159,13 @@ def build_run(config: ml_collections.ConfigDict, devices=None, *, abstract: bool
 def initial_state(run: Run) -> steps.SiDState:
   """The step-0 state on the mesh, built from the host's initial parameters placed straight into
   the generator's shardings (no whole copy on any one device)."""
-  fn = jax.jit(lambda p: steps.init_state(run.setup, p, p), out_shardings=run.state_shardings)
+  fn = jax.jit(lambda g, f: steps.init_state(run.setup, g, f), out_shardings=run.state_shardings)
   params = jax.device_put(run.init_params, run.state_shardings.generator)
+  gen = params
+  if run.generator_init_params is not None:  # SiD²A: the generator starts from a SiD generator
+    gen = jax.device_put(run.generator_init_params, run.state_shardings.generator)
   with jax.set_mesh(run.mesh):
-    return fn(params)
+    return fn(gen, params)
 
 
 def abstract_checkpoint(run: Run) -> dict[str, Any]:

@@ -56,6 +56,10 @@ class SiDHyper:
   # Probability of replacing a prompt by the empty one in the fake-score step; applied only when
   # kappa_1 != 1 or kappa_2 != 1, as in the official code (lsg_spec §3).
   cond_dropout: float = 0.1
+  # SiDA's warm-up (spec §6.4): while the images done before an iteration (step x global batch)
+  # are <= this, the generator's gradients are computed but its optimiser step is skipped (its
+  # parameters, projected ones aside, and Adam state stay as they are). None: never frozen.
+  generator_frozen_nimg: float | None = None
 
   @property
   def guided(self) -> bool:
@@ -94,7 +98,15 @@ class SiDSetup:
     batch_size)` (`losses.SiDGeneratorLoss`).
   project: params -> params applied before each update's forward pass (EDM2's forced weight
     normalisation); the projected weights are what the optimiser then updates, like the
-    official in-place renormalisation. None = no projection.
+    official in-place renormalisation. None = no projection. `project_fake=False` applies it
+    to the generator only (SiDA-EDM2, where the official fake score's hook is dead, spec §7.2).
+
+  Real data (SiDA): a batch half that is a dict {'images': [num_micro, micro, H, W, C],
+  'labels': [num_micro, micro, label_dim] (conditional runs)} -- what `sid_jax.data.real`'s feed
+  yields -- gives that update its labels (instead of uniform draws) and, to a fake loss with
+  `uses_real_data`, its real images (`d['real']`, augmented independently of the fake ones).
+  A generator loss with `uses_nimg` is given the images done before the iteration (`nimg`, its
+  warm-up schedule).
   """
   teacher: Callable
   fake_score: Callable
@@ -117,6 +129,7 @@ class SiDSetup:
   unroll_micro: bool = False
   # Conditions that come with the batch (text prompts) instead of being drawn in the step.
   conditioning: Conditioning | None = None
+  project_fake: bool = True
 
   @property
   def num_micro(self) -> int:
@@ -154,15 +167,18 @@ def draw_labels(setup: SiDSetup, key: Array, shape: tuple[int, ...]) -> Array | 
   return jax.nn.one_hot(idx, setup.label_dim, dtype=jnp.float32)
 
 
-def _draws(setup: SiDSetup, key: Array, loss, raw_cond: Array | None = None,
+def _draws(setup: SiDSetup, key: Array, loss, raw_cond: Array | dict | None = None,
            dropout: float = 0.0) -> dict[str, Array]:
   """z, labels, the loss's own draws (`loss.draw`: noise levels) and noise for every micro-batch.
 
   With `setup.conditioning`, the batch's raw conditions `raw_cond` [num_micro, micro, ...] take
   the place of drawn labels, and `dropout` > 0 adds a Bernoulli mask 'drop' (condition replaced
-  by the unconditional one).
+  by the unconditional one). A dict `raw_cond` is real data (see `SiDSetup`).
   """
   lead = (setup.num_micro, setup.micro_batch)
+  data = raw_cond if isinstance(raw_cond, dict) else None
+  if data is not None:
+    raw_cond = None
   kz, kl, ks, kn = jax.random.split(key, 4)
   img = lead + tuple(setup.image_shape)
   out = {
@@ -183,7 +199,34 @@ def _draws(setup: SiDSetup, key: Array, loss, raw_cond: Array | None = None,
     labels = draw_labels(setup, kl, lead)
     if labels is not None:
       out["labels"] = labels
+  if data is not None:
+    out.update(_real_data(setup, loss, data, lead))
+  elif getattr(loss, "uses_real_data", False):
+    raise ValueError("This fake-score loss needs real images, but the batch has none (the run "
+                     "needs a dataset: config.data).")
   return {k: _constrain(setup, v) for k, v in out.items()}
+
+
+def _real_data(setup: SiDSetup, loss, data: dict, lead: tuple[int, int]) -> dict[str, Array]:
+  """The labels (replacing drawn ones) and, for a loss that uses them, the real images of a
+  real-data batch half, with their shapes checked."""
+  out = {}
+  if setup.label_dim:
+    if "labels" not in data:
+      raise ValueError(f"The data batch has no labels, but the run is conditional "
+                       f"(label_dim={setup.label_dim}).")
+    want = lead + (setup.label_dim,)
+    if tuple(data["labels"].shape) != want:
+      raise ValueError(f"Data labels have shape {tuple(data['labels'].shape)}; expected {want}.")
+    out["labels"] = data["labels"].astype(jnp.float32)
+  if getattr(loss, "uses_real_data", False):
+    want = lead + tuple(setup.image_shape)
+    if "images" not in data or tuple(data["images"].shape) != want:
+      got = tuple(data["images"].shape) if "images" in data else None
+      raise ValueError(f"Real images of shape {got}; expected [num_micro, micro_batch, H, W, C] "
+                       f"= {want}.")
+    out["real"] = data["images"].astype(jnp.float32)
+  return out
 
 
 def _conditions(setup: SiDSetup, frozen, d: dict[str, Array], uncond: Array | None):
@@ -237,17 +280,27 @@ def _project(setup: SiDSetup, params):
   return params if setup.project is None else setup.project(params)
 
 
-def _update(setup: SiDSetup, tx, params, opt_state, loss_fn, draws, prefix: str):
-  """Projection, accumulated loss and gradient, optimiser step; metrics named `prefix`_*."""
-  params = _project(setup, params)
+def _update(setup: SiDSetup, tx, params, opt_state, loss_fn, draws, prefix: str,
+            project: bool = True, apply: Array | None = None):
+  """Projection, accumulated loss and gradient, optimiser step; metrics named `prefix`_*.
+
+  `apply` (a bool scalar) False skips the optimiser step: the (projected) parameters and the
+  optimiser state are returned unchanged (SiDA's frozen generator)."""
+  if project:
+    params = _project(setup, params)
   loss, grads, valid = _accumulate(loss_fn, params, draws, setup.num_micro, setup.unroll_micro)
   metrics = {
       f"{prefix}_loss": loss,
       f"{prefix}_grad_norm": optax.tree.norm(grads),
       f"{prefix}_valid_fraction": valid / setup.global_batch,
   }
-  updates, opt_state = tx.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state, metrics
+  updates, new_opt_state = tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  if apply is not None:
+    keep = lambda new, old: jnp.where(apply, new, old)
+    new_params = jax.tree.map(keep, new_params, params)
+    new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+  return new_params, new_opt_state, metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +317,7 @@ def fake_score_step(setup: SiDSetup, state: SiDState, key: Array, frozen=None,
   draws = _draws(setup, k_draw, setup.fake_loss, (batch or {}).get("fake"),
                  h.effective_cond_dropout)
   uncond = _uncond(setup, frozen)
+  real_data = getattr(setup.fake_loss, "uses_real_data", False)
 
   def loss_fn(psi, d, index):
     labels = _conditions(setup, frozen, d, uncond)
@@ -274,11 +328,20 @@ def fake_score_step(setup: SiDSetup, state: SiDState, key: Array, frozen=None,
     rng = jax.random.fold_in(k_drop, index)
     fake = denoisers.guided(functools.partial(setup.fake_score, psi, train=True, rng=rng),
                             h.cfg_fake_train, uncond)
+    extra = {}
+    if real_data:  # SiDA: the discriminator's real branch, its own dropout and augmentation
+      real_aug = None
+      if setup.augment is not None:
+        d = dict(d)
+        d["real"], real_aug = setup.augment(jax.random.fold_in(k_aug, index + setup.num_micro),
+                                            d["real"])
+      extra = dict(real_aug_labels=real_aug, real_denoiser=functools.partial(
+          setup.fake_score, psi, train=True, rng=jax.random.fold_in(rng, 1)))
     return setup.fake_loss(fake, x_g, labels, d, batch_size=setup.global_batch,
-                           aug_labels=aug_labels)
+                           aug_labels=aug_labels, **extra)
 
   params, opt_state, metrics = _update(setup, setup.fake_tx, state.fake_score, state.fake_opt,
-                                       loss_fn, draws, "fake")
+                                       loss_fn, draws, "fake", project=setup.project_fake)
   return state.replace(fake_score=params, fake_opt=opt_state), metrics
 
 
@@ -295,14 +358,23 @@ def generator_step(setup: SiDSetup, state: SiDState, teacher_params, key: Array,
   fake = denoisers.guided(functools.partial(setup.fake_score, state.fake_score), h.cfg_fake_eval,
                           uncond)
 
+  nimg = state.step.astype(jnp.float32) * setup.global_batch  # images before this iteration
+  extra = {"nimg": nimg} if getattr(setup.generator_loss, "uses_nimg", False) else {}
+  apply = None
+  if h.generator_frozen_nimg is not None:
+    apply = nimg > h.generator_frozen_nimg
+
   def loss_fn(theta, d, index):
     labels = _conditions(setup, teacher_params, d, uncond)
     rng = jax.random.fold_in(k_drop, index)
     x_g = setup.generate(theta, d["z"], labels, train=True, rng=rng)
-    return setup.generator_loss(teacher, fake, x_g, labels, d, batch_size=setup.global_batch)
+    return setup.generator_loss(teacher, fake, x_g, labels, d, batch_size=setup.global_batch,
+                                **extra)
 
   params, opt_state, metrics = _update(setup, setup.generator_tx, state.generator,
-                                       state.generator_opt, loss_fn, draws, "gen")
+                                       state.generator_opt, loss_fn, draws, "gen", apply=apply)
+  if apply is not None:
+    metrics["gen_updated"] = apply
   return state.replace(generator=params, generator_opt=opt_state), metrics
 
 
@@ -336,7 +408,8 @@ def train_step(setup: SiDSetup, state: SiDState, teacher_params, base_key: Array
 
   `batch` carries per-sample inputs that are not drawn in the step: with `setup.conditioning`,
   {'fake': raw conditions for the psi step, 'gen': independent ones for the theta step}, each
-  [num_micro, micro_batch, ...] (e.g. token ids).
+  [num_micro, micro_batch, ...] (e.g. token ids); with real data (SiDA) each half is a dict
+  {'images', 'labels'} as `sid_jax.data.real`'s feed yields it (see `SiDSetup`).
   """
   key = jax.random.fold_in(base_key, state.step)
   k_fake, k_gen = jax.random.split(key)

@@ -29,6 +29,9 @@ class Assembly:
     augment: augmentation of generator samples in the fake-score loss.
     make_feed: (mesh, num_micro, micro_batch, abstract) -> the feed of batch-borne inputs, or
       None; an abstract feed only gives the shapes of its batches (for plans).
+    project_fake: whether `project` also applies to the fake score (not in SiDA-EDM2).
+    generator_init_params: the generator's (and its EMA's) initial parameters when they differ
+      from `init_params` (SiD²A: a SiD generator); None = `init_params`.
   """
   teacher: models.Teacher
   student: Callable
@@ -47,6 +50,8 @@ class Assembly:
   project: Callable | None = None
   augment: Callable | None = None
   make_feed: Callable | None = None
+  project_fake: bool = True
+  generator_init_params: Any = None
 
 
 def hyper_from_config(config, **overrides) -> steps.SiDHyper:

@@ -238,14 +238,26 @@ def build_teacher(config: ml_collections.ConfigDict, *, abstract: bool = False) 
   raise ValueError(f"Unknown config.teacher.type {t.type!r}; expected one of {TEACHER_TYPES}.")
 
 
+# Constructor settings of generator and fake score that SiD sets itself instead of copying the
+# teacher's (spec §4.7, §8.1: `--dropout`, e.g. 0.05 for AFHQv2 whose EDM teacher was trained with
+# 0.25). They change no parameter, so the students still start from the teacher's weights.
+STUDENT_SETTINGS = ("dropout",)
+
+
 def student_spec(config: ml_collections.ConfigDict, teacher: Teacher) -> dict:
-  """The network spec of generator and fake score (a copy of the teacher's, or config.model)."""
+  """The network spec of generator and fake score: a copy of the teacher's with the
+  `STUDENT_SETTINGS` that config.model.kwargs holds (init_from 'teacher'), or config.model."""
   if config.model.init_from == "teacher":
     if teacher.spec is None:
       raise ValueError("config.model.init_from='teacher' needs a network teacher "
                        f"(config.teacher.type='network' or 'random'), not "
                        f"{config.teacher.type!r}.")
-    return teacher.spec
+    kwargs = _plain(config.model.kwargs)
+    own = {k: kwargs[k] for k in STUDENT_SETTINGS if k in kwargs}
+    if not own:
+      return teacher.spec
+    spec = _plain(teacher.spec)
+    return dict(spec, kwargs=dict(spec["kwargs"], **own))
   if config.model.init_from != "scratch":
     raise ValueError(f"config.model.init_from must be 'teacher' or 'scratch', "
                      f"got {config.model.init_from!r}.")
@@ -258,6 +270,7 @@ def build_students(config, teacher: Teacher, rng: jax.Array, *, abstract: bool =
   spec = student_spec(config, teacher)
   den = build_denoiser(spec, compute_dtype(config))
   if config.model.init_from == "teacher":
+    # The students' settings (dropout) may differ from the teacher's; its weights fit them.
     return den, teacher.params, spec
   d = config.data
   shape = (d.resolution, d.resolution, d.channels)
