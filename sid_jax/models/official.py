@@ -271,7 +271,10 @@ def read_official(family: str, src: str, *, key: str = "ema", spec_path: str | N
   _check_source(family, src)
   spec, state_dict, fmt = read_source(src, key, spec_path)
   check_family(family, spec["class_name"])
-  return spec, FAMILIES[family][1](state_dict, build_denoiser(spec)), fmt
+  try:
+    return spec, FAMILIES[family][1](state_dict, build_denoiser(spec)), fmt
+  except ValueError as e:  # the strict converter's report (or the spec's): name the file
+    raise ConversionError(f"{src}: {e}") from None
 
 
 def convert(family: str, src: str, dst: str, *, key: str = "ema", spec_path: str | None = None,

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from sid_jax.weights.strict import to_numpy
+from sid_jax.weights import pickles
+from sid_jax.weights.strict import WeightFileError, to_numpy
 
 StateDict = dict[str, np.ndarray]
 
@@ -74,12 +76,14 @@ def read_torch(path: str | os.PathLike, key: str | None = None) -> StateDict:
   """
   path = os.fspath(path)
   torch = import_torch(f"Reading {path}")
+  if zipfile.is_zipfile(path):
+    pickles.check_torch_archive(path)  # CRCs: torch.load reads a flipped byte as another value
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"torch.load({path!r}, weights_only=True) failed: {e}\nOnly plain state "
-                     "dicts (names -> tensors) are read; save one with "
-                     "torch.save(net.state_dict(), path).") from None
+    raise WeightFileError(f"torch.load({path!r}, weights_only=True) failed: {e}\nOnly plain "
+                          "state dicts (names -> tensors) are read; save one with "
+                          "torch.save(net.state_dict(), path).") from None
   if key is not None and isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
     obj = obj[key]
   if not isinstance(obj, Mapping):
@@ -91,6 +95,7 @@ def read_torch(path: str | os.PathLike, key: str | None = None) -> StateDict:
       raise ValueError(f"{path} is not a state dict{holder}: its entry {name!r} is a "
                        f"{type(value).__name__}, not a tensor. Save one with "
                        "torch.save(net.state_dict(), path).")
+    pickles.check_torch_tensor(path, str(name), value)  # torch.load accepts zero strides
     out[str(name)] = to_numpy(value)
   return out
 

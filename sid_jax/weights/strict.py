@@ -26,6 +26,13 @@ from flax import traverse_util
 Path = tuple[str, ...]
 Shape = tuple[int, ...]
 
+
+class WeightFileError(ValueError):
+  """A weight file that cannot be read as the data it should hold (truncated, corrupted,
+  crafted, or of another format). The message names the file; every reader raises this one type,
+  so a converter's callers need to handle no parser's own exceptions."""
+
+
 # torch dtypes numpy has: kept as they are. Other floating dtypes (bfloat16, float8) -> float32.
 _NUMPY_FLOATS = ("torch.float16", "torch.float32", "torch.float64")
 _SHOWN = 20  # entries shown per kind of problem
