@@ -16,6 +16,11 @@ from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 JAX_VERSION = "0.10.2"  # the lock's jax/jaxlib; the accelerator plugins must match it exactly
+# tensorflow-cpu 2.21 has wheels for Linux x86-64 and Windows only; macOS arm64 and Linux aarch64
+# (e.g. GH200 GPU hosts) have only `tensorflow` wheels.
+TF_CPU_PLATFORMS = ('(sys_platform == "linux" and platform_machine == "x86_64") or '
+                    'sys_platform == "win32"')
+TF_FULL_PLATFORMS = 'sys_platform == "darwin" or platform_machine == "aarch64"'
 
 INSTALL_REQUIRES = [
     f"jax>={JAX_VERSION}",  # jax.set_mesh and jax.make_mesh(axis_types=...)
@@ -32,7 +37,9 @@ INSTALL_REQUIRES = [
     # The real-data pipeline (sid_jax/data/real.py).
     "grain>=0.2.18",
     # clu.metric_writers / periodic_actions import TensorFlow and tensorboard (the training loop).
-    "tensorflow-cpu>=2.21.0",
+    # TensorFlow's CPU-only build where it is published; elsewhere the full one (same package).
+    f"tensorflow-cpu>=2.21.0; {TF_CPU_PLATFORMS}",
+    f"tensorflow>=2.21.0; {TF_FULL_PLATFORMS}",
     "tensorboard>=2.21.0",
     # CLIPTokenizer only; transformers 5 (no Flax classes), whose constructor rules we follow.
     "transformers>=5.23.0",

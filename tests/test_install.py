@@ -51,9 +51,12 @@ def _lock(name):
   return pins
 
 
-def _declared(lines):
+def _declared(lines, environment=None):
+  """{(package, extras): Requirement} of the requirements that apply on `environment`'s platform
+  (default: this machine's, where the lock is tested)."""
   reqs = [Requirement(line) for line in lines]
-  return {(canonicalize_name(r.name), tuple(sorted(r.extras))): r for r in reqs}
+  return {(canonicalize_name(r.name), tuple(sorted(r.extras))): r for r in reqs
+          if r.marker is None or r.marker.evaluate(environment)}
 
 
 def _check_ranges(lock, declared, exact=()):
@@ -81,6 +84,18 @@ def test_setup_ranges_contain_the_lock():
     assert extras[extra] == [f"jax[{extra}]=={jax_version}"], extras[extra]
   assert extras["convert"] == [f"torch=={_lock('requirements-test.txt')[('torch', ())]}"]
   assert set(extras) == {"cuda12", "cuda13", "tpu", "convert", "test"}
+
+
+def test_setup_asks_for_the_tensorflow_build_each_platform_has():
+  """tensorflow-cpu wheels exist for Linux x86-64 and Windows only; macOS arm64 and Linux aarch64
+  get `tensorflow`, and every one of these platforms gets exactly one of the two."""
+  requires = _setup_kwargs()["install_requires"]
+  platforms = {("linux", "x86_64"): "tensorflow-cpu", ("win32", "AMD64"): "tensorflow-cpu",
+               ("darwin", "arm64"): "tensorflow", ("linux", "aarch64"): "tensorflow"}
+  for (system, machine), want in platforms.items():
+    names = {key[0] for key in _declared(requires, {"sys_platform": system,
+                                                    "platform_machine": machine})}
+    assert names & {"tensorflow", "tensorflow-cpu"} == {want}, (system, machine)
 
 
 def _copy_sources(dst):
