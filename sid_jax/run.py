@@ -272,7 +272,7 @@ def grid_inputs(run: Run) -> tuple[np.ndarray, Any, int, int]:
   per class (the first 10 classes), 4 rows when unconditional, the grid prompts when
   text-to-image."""
   cols = run.config.log.grid_columns
-  if run.feed is not None:
+  if run.setup.conditioning is not None:  # text-to-image (a real-data feed gives no prompts)
     prompts = list(run.config.lsg.grid_prompts)
     rows = max(1, math.ceil(len(prompts) / cols))
     n = rows * cols

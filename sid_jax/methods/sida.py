@@ -87,6 +87,9 @@ def check_config(config, abstract: bool = False) -> None:
   if not 0 <= s.generator_frozen_kimg or not 0 <= s.gan_start_kimg:
     raise ValueError(f"config.sida.generator_frozen_kimg and gan_start_kimg must be >= 0, got "
                      f"{s.generator_frozen_kimg}, {s.gan_start_kimg}.")
+  if not config.data.get("source", ""):
+    raise ValueError("config.data.source is empty: SiDA trains its discriminator on real images "
+                     "(config.data.source / config.data.path, sid_jax/data/real.py).")
   if s.init_generator and not abstract:
     generator_source(s.init_generator)  # raises FileNotFoundError naming the setting
 
@@ -169,7 +172,11 @@ def make_real_feed(config, mesh, num_micro: int, micro_batch: int, abstract: boo
   except ImportError as e:
     raise ImportError("SiDA needs real images, but sid_jax.data.real (the real-data pipeline) "
                       f"cannot be imported: {e}") from e
-  return real.make_feed(config, mesh, num_micro, micro_batch, abstract)
+  feed = real.make_feed(config, mesh, num_micro, micro_batch, abstract)
+  if feed is None:
+    raise ValueError("SiDA needs real images: set config.data.source (e.g. 'edm_zip' with "
+                     "config.data.path, or 'digits').")
+  return feed
 
 
 def assemble(config, abstract: bool = False) -> base.Assembly:
