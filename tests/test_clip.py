@@ -64,14 +64,34 @@ def text_models(tmp_path_factory):
   return out
 
 
+def _redraw(model, seed, std=0.1):
+  """Every parameter but the logit scale redrawn, so that no bias is zero and no norm scale one
+  (transformers' init) and a mis-mapped bias or scale shows: matrices and embeddings
+  N(0, std^2), norm scales 1 + N(0, 0.1^2), biases and the class embedding N(0, 0.05^2)."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name == "logit_scale":
+        continue
+      noise = torch.randn(p.shape, generator=g)
+      if p.ndim > 1:
+        p.copy_(std * noise)
+      elif name.endswith("weight"):  # the 1-D weights are the layer norms' scales
+        p.copy_(1.0 + 0.1 * noise)
+      else:
+        p.copy_(0.05 * noise)
+  return model
+
+
 @pytest.fixture(scope="module")
 def clip_torch(tmp_path_factory):
-  """(torch CLIPModel, {format: folder}) with safetensors, sharded safetensors and .bin copies."""
+  """(torch CLIPModel with every weight redrawn, {format: folder}) with safetensors, sharded
+  safetensors and .bin copies."""
   torch.manual_seed(1)
   config = transformers.CLIPConfig(
       text_config=dict(TEXT, hidden_act="gelu", eos_token_id=tiny_tokenizer.EOS_ID),
       vision_config=VISION, projection_dim=16, logit_scale_init_value=2.5)
-  model = transformers.CLIPModel(config).eval()
+  model = _redraw(transformers.CLIPModel(config).eval(), 1)
   folders = {}
   folders["safetensors"] = tmp_path_factory.mktemp("clip_st")
   model.save_pretrained(folders["safetensors"])
