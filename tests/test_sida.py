@@ -236,3 +236,25 @@ def test_sida_config_checks():
   fake_loss, gen_loss = sida.sida_losses(c)
   assert (fake_loss.group_size, gen_loss.group_size) == (64, 64)
   assert gen_loss.gan_start_nimg == 10_000 and gen_loss.gan_scale == 0.01
+
+
+def test_digits_sida_reads_real_digits_in_pairs():
+  """configs/digits_sida.py:tiny on the real digits feed (sid_jax/data/real.py): each iteration
+  takes one batch for the fake step (images in [-1, 1], one-hot labels) and the labels of the
+  next for the generator step; the feed position survives state()/restore()."""
+  c = configs_util.load("digits_sida.py", "tiny")
+  run = run_lib.build_run(c, jax.devices()[:1])
+  assert run.setup.fake_loss.uses_real_data and run.setup.generator_loss.uses_nimg
+  assert run.setup.hyper.generator_frozen_nimg == 0.0
+  abstract = run.feed.abstract()
+  position = run.feed.state()
+  batch = run.feed.next()
+  assert jax.tree.map(lambda a: a.shape, batch) == jax.tree.map(lambda a: a.shape, abstract)
+  assert batch["fake"]["images"].shape == (2, 8, 8, 8, 1)
+  assert batch["gen"]["labels"].shape == (2, 8, 10)
+  images = np.asarray(batch["fake"]["images"])
+  assert images.min() >= -1 and images.max() <= 1 and images.std() > 0.1
+  np.testing.assert_array_equal(np.asarray(batch["fake"]["labels"]).sum(-1), 1.0)
+  run.feed.restore(position)
+  again = run.feed.next()
+  assert _max_diff(again, batch) == 0.0
