@@ -258,3 +258,56 @@ def test_digits_sida_reads_real_digits_in_pairs():
   run.feed.restore(position)
   again = run.feed.next()
   assert _max_diff(again, batch) == 0.0
+
+
+def test_sid2a_generator_from_an_official_sid_pickle(tmp_path):
+  """An official SiD generator pickle ({'ema': EDMPrecond}, as NVlabs' snapshots) is read with
+  the strict converter; the teacher (here its weights perturbed) stays the fake score's start."""
+  from tests import test_convert  # pylint: disable=import-outside-toplevel
+  fx = test_convert._fixture("edm_songunet_ddpmpp")  # pylint: disable=protected-access
+  pkl = test_convert.write_official_pickle(tmp_path / "sid.pkl",
+                                           test_convert._edm_snapshot(fx))  # pylint: disable=protected-access
+  from sid_jax.models import official  # pylint: disable=import-outside-toplevel
+  spec, sid_params, _ = official.read_official("edm", pkl)
+  teacher_params = jax.tree.map(lambda x: np.asarray(x) * 0.5, sid_params)
+  checkpoints.save_network(str(tmp_path / "teacher"), teacher_params, spec)
+  c = test_convert._teacher_config(tmp_path / "teacher", fx)  # pylint: disable=protected-access
+  c.method, c.model.init_from, c.sida = "sida", "teacher", sida.config_section()
+  c.sida.init_generator = pkl
+  a = sida.assemble(c)
+  assert _max_diff(a.generator_init_params, sid_params) == 0.0
+  assert _max_diff(a.init_params, teacher_params) == 0.0
+
+
+def test_sida_losses_on_an_edm2_network_match_sid_terms():
+  """On a real (tiny, random) EDM2 network with its log-variance head, the SiDA losses' DSM and
+  SiD parts equal SiD's own losses on the same draws: the encoder-decoder-logvar outputs are
+  taken in the right order, and the adversarial terms are finite and non-zero."""
+  spec = {"class_name": "EDM_2_Precond_EncoderDecoder",
+          "kwargs": dict(img_resolution=8, img_channels=4, label_dim=0, model_channels=16,
+                         channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
+                         force_normalization=True, use_gan=True)}
+  den = models.build_denoiser(spec)
+  params = models.random_network_params(den, (8, 8, 4), 0, seed=0)
+  net = lambda *a, **k: den(params, *a, **k)
+  rs = np.random.RandomState(0)
+  x, real, noise = (jnp.asarray(rs.randn(4, 8, 8, 4), jnp.float32) * 0.5 for _ in range(3))
+  sigma = jnp.asarray([0.3, 1.0, 2.0, 5.0])
+  weight = losses.EDMWeight()(sigma)
+  kw = dict(batch_size=4, use_logvar=True)
+  total, aux = losses.sida_fake_loss(net, net, x, real, None, sigma, weight, noise,
+                                     loss_scale=1.0, adv_scale=100.0, group_size=2, **kw)
+  dsm, _ = losses.dsm_loss(lambda *a, **k: net(*a, return_logvar=True, **k), x, None, sigma,
+                           weight, noise, loss_scale=1.0, **kw)
+  np.testing.assert_allclose(aux["dsm_loss"], dsm, rtol=1e-5)
+  assert np.isfinite(total) and float(aux["adv_loss"]) > 0
+  teacher = lambda *a, **k: net(*a, **k)
+  gen, gaux = losses.sida_generator_loss(teacher, net, x, None, sigma, noise, alpha=1.0,
+                                         loss_scale=100.0, gan_scale=0.01, group_size=2,
+                                         sid_weight=1.0, gan_weight=0.0, **kw)
+  sid_loss, _ = losses.sid_generator_loss(teacher, lambda *a, **k: net(*a, return_logvar=True,
+                                                                        **k),
+                                          x, None, sigma, noise, alpha=1.0, loss_scale=100.0,
+                                          **kw)
+  np.testing.assert_allclose(gen, sid_loss, rtol=1e-5)
+  assert np.isfinite(gaux["gan_loss"]) and float(gaux["gan_loss"]) > 0
