@@ -73,9 +73,12 @@ def metric_table(run: run_lib.Run, final_params) -> list[dict]:
   heun = None
   if run.teacher.spec is not None:
     heun = (run.teacher.denoiser, run.teacher.params, run.config.eval.teacher_heun_steps)
+  # SiD²A starts from a SiD generator (run.generator_init_params), SiD and SiDA from the teacher.
+  start = run.init_params if run.generator_init_params is None else run.generator_init_params
+  name = "SiDA" if run.config.method == "sida" else "SiD"
   return digits_eval.metric_table(run.generator, seeds, classes,
-                                  [("one-step generator at initialisation", run.init_params),
-                                   ("one-step generator after SiD (EMA)", final_params)],
+                                  [("one-step generator at initialisation", start),
+                                   (f"one-step generator after {name} (EMA)", final_params)],
                                   teacher=heun, batch=run.config.eval.batch, mesh=run.mesh)
 
 
