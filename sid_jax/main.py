@@ -6,6 +6,8 @@ auto-detects: Cloud TPU, SLURM, Open MPI) so every process joins one jax.distrib
 """
 
 import os
+import signal
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -77,6 +79,10 @@ def main(argv):
   for key in ("initial_eval", "final_eval"):
     if summary.get(key):
       print(f"[sid_jax] {key}: " + ", ".join(f"{k}={v:.4g}" for k, v in summary[key].items()))
+  if summary["status"] == "preempted":
+    # Saved, not finished: exit non-zero (128 + the signal, as the shell reports a job killed by
+    # it) so a scheduler requeues the job; the next launch resumes from the checkpoint.
+    sys.exit(128 + int(summary.get("signal") or signal.SIGTERM))
 
 
 if __name__ == "__main__":

@@ -43,9 +43,12 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int,
                      f"{', '.join(METHODS)}.")
   if config.method in methods.CHECKS:
     methods.CHECKS[config.method](config, abstract)
-  for name in ("global_batch", "micro_batch", "num_steps", "max_nonfinite_steps"):
+  for name in ("global_batch", "micro_batch", "num_steps"):
     if int(t[name]) <= 0:
       raise ValueError(f"config.training.{name} must be positive, got {t[name]}.")
+  if int(t.max_nonfinite_steps) < 0:
+    raise ValueError("config.training.max_nonfinite_steps must be >= 0 (0 = never stop), got "
+                     f"{t.max_nonfinite_steps}.")
   if t.global_batch % t.micro_batch:
     raise ValueError(f"config.training.global_batch={t.global_batch} is not a multiple of "
                      f"config.training.micro_batch={t.micro_batch}.")

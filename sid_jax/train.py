@@ -4,6 +4,26 @@ Sections, in order: build the run (`sid_jax.run`) -> restore or initialise -> co
 (progress, metrics, sample grids, evaluation, best checkpoint, checkpoints, pre-emption) ->
 export. Methods differ only in what `sid_jax.run` / `sid_jax.methods` assemble; nothing here
 depends on which method runs.
+
+Non-finite iterations. Like the official loop, an iteration whose loss or gradient is non-finite
+still updates (its gradients pass through nan_to_num: NaN -> 0, ±inf -> ±1e5, `sid_jax.optim`);
+each such iteration is logged (absl warning and a 'nonfinite' record in metrics.jsonl). Two
+deviations from the official loop, which has neither: (1) after
+`config.training.max_nonfinite_steps` consecutive non-finite iterations the run stops with
+`NonFiniteLossError` (0 = never stop, as the official loop); (2) nothing non-finite is kept: a
+checkpoint is saved only when its iteration was finite and every parameter and optimiser value
+is finite, and it stays provisional until the next iteration (the first one computed from it)
+is finite too -- otherwise it is deleted, since an update can leave finite but exploded weights
+whose losses overflow only from the next iteration on. Each skipped or deleted checkpoint is
+logged (and recorded as 'checkpoint_skipped'). A run that reaches its last step with a
+non-finite iteration, non-finite state or non-finite samples of its EMA generator fails with
+`NonFiniteLossError` and exports nothing.
+
+Pre-emption. SIGTERM or SIGINT ends the loop at the next step boundary; the state is saved and
+the summary's status is 'preempted' (`python -m sid_jax.main` then exits with 128 + the signal
+number, so a scheduler requeues the job). A resumed run first drops the records of
+metrics.jsonl beyond its starting step: steps that a killed run logged after its last checkpoint
+are computed again, and each step appears once.
 """
 
 from __future__ import annotations
@@ -18,6 +38,7 @@ from absl import logging
 import flax
 import jax
 import ml_collections
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -92,6 +113,68 @@ def _append_jsonl(path: str, record: dict) -> None:
     f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
+def truncate_metrics(path: str, start: int) -> int:
+  """Drops the records of `path` (metrics.jsonl) that a run starting at `start` writes again.
+
+  A run resumed at step `start` > 0 keeps the records up to and including `start` (the
+  checkpointed steps, and the evaluation of step `start`, which is not repeated); a run starting
+  afresh (`start` = 0) keeps none. A torn last line (the process killed while writing) goes too.
+  Returns the number of lines dropped.
+  """
+  if not os.path.isfile(path):
+    return 0
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if start > 0 and isinstance(record, dict) and int(record.get("step", start + 1)) <= start:
+      kept.append(line if line.endswith("\n") else line + "\n")
+  if len(kept) != len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+  return len(lines) - len(kept)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """True when every floating-point value in `tree` is finite (one scalar, any sharding)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _last_good(ckpt: checkpoints.Checkpointer) -> str:
+  ckpt.wait()
+  last = ckpt.latest_step()
+  if last is None:
+    return f"No checkpoint was kept in {ckpt.directory}."
+  return f"The last good checkpoint is step {last} in {ckpt.directory}."
+
+
+def _grid_samples(run: run_lib.Run, params, teacher_params) -> tuple[np.ndarray, int, int]:
+  """The sample grid's raw generator outputs (before uint8), and its rows and columns."""
+  seeds, conditions, rows, cols = run_lib.grid_inputs(run)
+  x = run.generator.generate(seeds, conditions, params=run.sampling_params(params, teacher_params),
+                             batch=run.config.eval.batch)
+  return np.asarray(x), rows, cols
+
+
+# Checkpoint metadata key of the feed's position (prompts, or real data: `sid_jax.data.real`).
+# SiD-LSG checkpoints written before it was shared keep theirs under "prompts".
+FEED_META_KEY = "feed"
+
+
+def feed_state(meta: dict) -> dict | None:
+  """The prompt or data position a checkpoint's metadata holds (None if it holds none)."""
+  return meta.get(FEED_META_KEY, meta.get("prompts"))
+
+
 def distill(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
             stop: StopRequest | None = None) -> dict:
   """Runs (or resumes) SiD distillation in `workdir`; returns a summary dict.
@@ -113,19 +196,21 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
                                   every_steps=config.checkpoint.every_steps,
                                   keep=config.checkpoint.keep,
-                                  async_save=config.checkpoint.async_save)
+                                  async_save=config.checkpoint.async_save, provisional=True)
   teacher_params = run_lib.teacher_on_mesh(run)
   latest = ckpt.latest_step()
   if latest is not None:
-    restored, restored_meta = ckpt.restore(latest, run_lib.abstract_checkpoint(run),
-                                           config.to_dict())
+    restored, restored_meta = ckpt.restore(
+        latest, run_lib.abstract_checkpoint(run), config.to_dict(), teacher=run.teacher.info,
+        allow_changes=bool(config.training.get("resume_allow_changes", False)))
     state, rng_data = restored["state"], restored["rng"]
     if run.feed is not None:
-      if "prompts" not in restored_meta:
+      position = feed_state(restored_meta)
+      if position is None:
         raise checkpoints.CheckpointMismatchError(
-            f"Checkpoint {latest} in {ckpt.directory} has no prompt position; it was not written "
-            "by a SiD-LSG run.")
-      run.feed.restore(restored_meta["prompts"])
+            f"Checkpoint {latest} in {ckpt.directory} has no data position ('{FEED_META_KEY}'); "
+            "it was not written by a run that reads prompts or data.")
+      run.feed.restore(position)
     logging.info("Resumed from %s at step %d.", ckpt.directory, latest)
   else:
     state = run_lib.initial_state(run)
@@ -143,7 +228,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
     out = {"config": config.to_dict(), "teacher": run.teacher.info, "step": step,
            "student_spec": run.student_spec, "versions": _versions()}
     if run.feed is not None:
-      out["prompts"] = run.feed.state()  # the position after the last saved step's prompts
+      out[FEED_META_KEY] = run.feed.state()  # the position after the last saved step's batch
     return out
 
   def save(step, force):
@@ -156,6 +241,11 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
                                              every_secs=config.log.progress_every_secs,
                                              every_steps=config.log.every_steps)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if is_main:
+    dropped = truncate_metrics(metrics_path, start)
+    if dropped:
+      logging.info("Dropped %d records beyond step %d from %s (they are computed again).",
+                   dropped, start, metrics_path)
   summary = {"workdir": os.path.abspath(workdir), "compile_seconds": compile_s,
              "start_step": start}
 
@@ -205,21 +295,75 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
 
   if start == 0:
     summary["initial_eval"] = eval_and_log(0, "grid")
+
+  limit = int(config.training.max_nonfinite_steps)
+  streak = 0  # consecutive non-finite iterations up to the last one judged
+
+  def record(entry: dict) -> None:
+    if is_main:
+      _append_jsonl(metrics_path, entry)
+
+  def judge(done: int, metrics) -> int:
+    """Reads iteration `done`'s metrics: logs it if non-finite, confirms or discards the
+    provisional checkpoint of step `done` - 1 (the state this iteration started from), and stops
+    the run after `limit` consecutive non-finite iterations. Returns the streak."""
+    nonlocal streak
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    streak = int(values["nonfinite_streak"])
+    if streak:
+      logging.warning("Iteration %d was non-finite (%d in a row): %s", done, streak,
+                      " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())))
+      record({"step": done, "kind": "nonfinite", **values})
+    if ckpt.unconfirmed_step == done - 1:
+      if streak:
+        ckpt.discard(done - 1)
+        logging.warning("Deleted checkpoint %d: the first iteration computed from it (%d) was "
+                        "non-finite.", done - 1, done)
+        record({"step": done - 1, "kind": "checkpoint_skipped",
+                "reason": f"iteration {done}, the first from this state, was non-finite"})
+      else:
+        ckpt.confirm(done - 1)
+    if limit and streak >= limit:
+      ckpt.wait()
+      raise NonFiniteLossError(
+          f"Losses or gradients were non-finite for {streak} consecutive iterations, up to "
+          f"iteration {done} (config.training.max_nonfinite_steps={limit}; 0 never stops). "
+          f"{_last_good(ckpt)}")
+    return streak
+
+  skipped = set()  # steps whose checkpoint was skipped (logged once)
+
+  def save_if_finite(at: int, force: bool) -> bool:
+    """Saves step `at` (provisionally) unless its iteration or its state is non-finite."""
+    reason = None
+    if streak:
+      reason = f"iteration {at} was non-finite ({streak} in a row)"
+    elif not bool(jax.device_get(_all_finite(state))):
+      reason = "the state has non-finite parameters or optimiser values"
+    if reason is None:
+      save(at, force=force)
+      return True
+    skipped.add(at)
+    logging.warning("Skipped the checkpoint of step %d: %s.", at, reason)
+    record({"step": at, "kind": "checkpoint_skipped", "reason": reason})
+    return False
+
   stop = stop or StopRequest()
   status = "done"
-  pending = None  # streak of the previous step, read one step late to keep dispatch async
+  pending = None  # (step, metrics) of the last iteration, read one step late: dispatch stays async
   step = start
   with stop:
     while step < num_steps:
       if stop.signal is not None:
         status = "preempted"
+        summary["signal"] = int(stop.signal)
         break
       batch = run.feed.next() if run.feed is not None else None
       state, metrics = train_fn(state, teacher_params, base_key, batch)
       step += 1
       if pending is not None:
-        _check_streak(int(jax.device_get(pending)), config, ckpt)
-      pending = metrics["nonfinite_streak"]
+        judge(*pending)
+      pending = (step, metrics)
       progress(step)
       if step % config.log.every_steps == 0 or step == num_steps:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -236,16 +380,46 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
           images.save_png(os.path.join(workdir, "samples", f"grid_{step:08d}.png"), grid,
                           scale=max(1, 128 // run.generator.image_shape[0]))
       if step % config.checkpoint.every_steps == 0:
-        _check_streak(int(jax.device_get(pending)), config, ckpt)
-        if int(jax.device_get(pending)) == 0:
-          save(step, force=False)
+        judge(*pending)
+        pending = None
+        if ckpt.latest_step() != step:
+          save_if_finite(step, force=False)
     if pending is not None:
-      _check_streak(int(jax.device_get(pending)), config, ckpt)
-    if (pending is None or int(jax.device_get(pending)) == 0) and ckpt.latest_step() != step:
-      save(step, force=True)
+      judge(*pending)
+    # The end of the run (or a pre-emption): keep the state only if it is finite, and for a
+    # finished run check the EMA generator's samples too before saving and exporting it.
+    problem = None
+    if streak:
+      problem = f"iteration {step} was non-finite ({streak} in a row)"
+    elif not bool(jax.device_get(_all_finite(state))):
+      problem = "the state has non-finite parameters or optimiser values"
+    elif status == "done":
+      x, _, _ = _grid_samples(run, state.generator_ema, teacher_params)
+      if not np.all(np.isfinite(x)):
+        problem = (f"{int(np.sum(~np.all(np.isfinite(x.reshape(len(x), -1)), axis=1)))} of the "
+                   f"{len(x)} grid samples of the EMA generator are non-finite")
+    if problem is not None:
+      if ckpt.unconfirmed_step == step:
+        ckpt.discard(step)
+      if step not in skipped:
+        logging.warning("Skipped the checkpoint of step %d: %s.", step, problem)
+        record({"step": step, "kind": "checkpoint_skipped", "reason": problem})
+      ckpt.wait()
+      if status == "done":
+        last = _last_good(ckpt)
+        writer.flush()
+        ckpt.close()
+        if best_ckpt is not None:
+          best_ckpt.close()
+        raise NonFiniteLossError(
+            f"The run ended at step {step} but {problem}; nothing was saved or exported. {last}")
+    else:
+      if ckpt.latest_step() != step:
+        save(step, force=True)
+      ckpt.confirm(step)  # no later iteration judges it: the checks above did
     ckpt.wait()
-  run.export(state.generator_ema, os.path.join(workdir, "generator"), step)
   if status == "done":
+    run.export(state.generator_ema, os.path.join(workdir, "generator"), step)
     summary["final_eval"] = eval_and_log(step, "grid")
     if run_lib.eval_kind(config) == "digits":
       rows = metric_table(run, state.generator_ema)
@@ -269,13 +443,3 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
   logging.info("Finished (%s) at step %d: %s", status, step, summary.get("final_eval"))
   return summary
 
-
-def _check_streak(streak: int, config, ckpt: checkpoints.Checkpointer) -> None:
-  limit = config.training.max_nonfinite_steps
-  if streak >= limit:
-    ckpt.wait()
-    last = ckpt.latest_step()
-    raise NonFiniteLossError(
-        f"Losses or gradients were non-finite for {streak} consecutive iterations "
-        f"(config.training.max_nonfinite_steps={limit}). Stopped without saving; the last good "
-        f"checkpoint is step {last} in {ckpt.directory}.")
