@@ -48,6 +48,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.resolution = 32
   c.data.channels = 3
   c.data.label_dim = 0
+  # Real data (sid_jax/data/real.py, README "Real data"): '' = none (data-free: uniform labels);
+  # 'edm_zip', 'edm2_latent_zip', 'tfds', 'labels_json' or 'digits', read from `path` (a zip or
+  # json file, or a tfds name with `split`, `data_dir`, `image_feature`, `label_feature`).
+  # `seed` -1 = the run's seed; grain `worker_count` processes per host, `read_threads` and
+  # `prefetch` (records; 0 = two batches) bound what is read ahead.
+  c.data.source = ""
+  c.data.path = ""
+  c.data.split = ""
+  c.data.data_dir = ""
+  c.data.image_feature = "image"
+  c.data.label_feature = "label"
+  c.data.shuffle = True
+  c.data.seed = -1
+  c.data.worker_count = 0
+  c.data.read_threads = 2
+  c.data.prefetch = 0
 
   # The teacher: an analytic mixture ('gmm') or a converted network checkpoint ('network').
   c.teacher = ml_collections.ConfigDict()

@@ -102,7 +102,9 @@ class Run:
   generator: generators.Generator
   sampling_params: Callable[[Any, Any], Any]
   export: Callable[[Any, str, int], None]
-  feed: Any = None  # SiD-LSG: the prompt feed (lsg.PromptFeed); SiDA: real data (sida.PairFeed)
+  # SiD-LSG: the prompt feed (lsg.PromptFeed); SiDA: real data (sida.PairFeed); SiD with
+  # config.data: the data's labels (real.LabelFeed).
+  feed: Any = None
   generator_init_params: Any = None  # SiD²A: the generator's own start (None: init_params)
 
 
@@ -146,6 +148,11 @@ def build_run(config: ml_collections.ConfigDict, devices=None, *, abstract: bool
   feed = None
   if a.make_feed:
     feed = a.make_feed(mesh, setup.num_micro, setup.micro_batch, abstract=abstract)
+  elif config.data.get("source", ""):
+    # SiD on a labelled dataset: the generator's classes follow the data's (ImageNet's are not
+    # uniform); drawn uniformly only without data.
+    from sid_jax.data import real  # pylint: disable=g-import-not-at-top
+    feed = real.make_label_feed(config, mesh, setup.num_micro, setup.micro_batch, abstract)
   return Run(config=config, mesh=mesh, teacher=teacher, setup=setup, student_spec=a.spec,
              init_params=init_params,
              state_shardings=sharding.param_shardings(mesh, abstract_state, min_size),

@@ -239,6 +239,20 @@ def test_any_hosts_state_resumes_every_host_and_process_count_changes_are_refuse
     _feed(path, mesh, index=0, count=2, worker_count=1).restore(state)
 
 
+def test_grain_worker_processes_read_the_zip_and_resume(tmp_path):
+  # One worker process: the source is pickled without its ZipFile and reopens it there.
+  path = write_edm_zip(tmp_path / "d.zip", _id_images(20))
+  mesh = _mesh(1)
+  full = _feed(path, mesh, worker_count=1)
+  ref = [_ids(full.next_local()) for _ in range(2)]
+  state = json.loads(json.dumps(full.state()))
+  ref += [_ids(full.next_local()) for _ in range(3)]
+  assert sorted(ref[0] + ref[1] + ref[2][:4]) == list(range(20))  # the first epoch, in order
+  resumed = _feed(path, mesh, worker_count=1)
+  resumed.restore(state)
+  assert [_ids(resumed.next_local()) for _ in range(3)] == ref[2:]
+
+
 # ---------------------------------------------------------------------------------------------
 # From a config: checks with clear errors, abstract feeds.
 # ---------------------------------------------------------------------------------------------
@@ -288,6 +302,35 @@ def test_edm2_latent_feed_from_config(tmp_path):
   c.decoder.raw_mean = [0.0] * 3
   with pytest.raises(ValueError, match=r"latents have 4 channels but config.decoder.raw_mean has 3"):
     real.make_feed(c, _mesh(1), 1, 8)
+
+
+def test_label_feeds_read_no_image(tmp_path, monkeypatch):
+  labels = np.array([3, 1, 4, 1, 5, 9, 2, 6])
+  path = write_edm_zip(tmp_path / "d.zip", _images(8), labels)
+  c = _config(source="edm_zip", path=path, label_dim=10, shuffle=False)
+  decoded = []
+  decode = real.EDMImageZip._decode
+  monkeypatch.setattr(real.EDMImageZip, "_decode",
+                      lambda self, i: decoded.append(i) or decode(self, i))
+  feed = real.make_label_feed(c, _mesh(1), 1, 4)
+  b = feed.next()
+  assert decoded == [0]  # the first image only, its shape read when the zip is opened
+  assert set(b) == {"fake", "gen"} and set(b["fake"]) == {"labels"}
+  np.testing.assert_array_equal(np.asarray(b["fake"]["labels"])[0].argmax(1), labels[:4])
+  np.testing.assert_array_equal(np.asarray(b["gen"]["labels"])[0].argmax(1), labels[4:])
+  assert feed.abstract()["gen"]["labels"].shape == (1, 4, 10)
+  # EDM2's labels-only dataset.json (the official SiD-EDM2 data), and an unconditional run.
+  (tmp_path / "dataset.json").write_text(json.dumps(
+      {"labels": [[f"img{i}.npy", int(k)] for i, k in enumerate(labels)]}))
+  c = _config(source="labels_json", path=str(tmp_path / "dataset.json"), label_dim=10,
+              shuffle=False)
+  b = real.make_label_feed(c, _mesh(1), 2, 2).next()
+  np.testing.assert_array_equal(np.asarray(b["fake"]["labels"]).argmax(-1), [[3, 1], [4, 1]])
+  c.data.label_dim = 0
+  assert real.make_label_feed(c, _mesh(1), 2, 2) is None
+  c.data.label_dim = 10
+  with pytest.raises(ValueError, match="dataset.json holds labels only, but this run needs"):
+    real.make_feed(c, _mesh(1), 2, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,3 +426,31 @@ def test_resident_memory_stays_flat_as_the_dataset_grows(tmp_path):
   # The 20x data add at most a quarter of their size to resident memory (measured: ~1 MB, the
   # zip's directory and names, ~1 KB a record); a reader that loaded the zip would add its 16 MB.
   assert big_growth - small_growth < 0.25 * big_bytes, (small_growth, big_growth, big_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# SiD on a labelled dataset (run.build_run) and the checkpoint's position key (train.py).
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sid_with_data_takes_the_generators_labels_from_the_data():
+  from sid_jax import run as run_lib  # pylint: disable=import-outside-toplevel
+  from sid_jax import train  # pylint: disable=import-outside-toplevel
+  from tests import configs_util  # pylint: disable=import-outside-toplevel
+
+  c = configs_util.load("digits_sid.py", "tiny")
+  c.data.source = "digits"
+  c.data.shuffle = False
+  run = run_lib.build_run(c, jax.devices()[:1])
+  assert isinstance(run.feed, real.LabelFeed)
+  batch = run.feed.next()
+  labels = digits.load_digits()[1]
+  for half, records in (("fake", labels[:16]), ("gen", labels[16:32])):
+    assert set(batch[half]) == {"labels"}  # SiD reads no image
+    np.testing.assert_array_equal(np.asarray(batch[half]["labels"]).reshape(16, 10).argmax(1),
+                                  records)
+  # (steps.train_step conditions both updates on a batch's labels: tests/test_sida.py.)
+  # Checkpoints keep the position under 'feed'; SiD-LSG checkpoints' older 'prompts' still read.
+  assert train.feed_state({"feed": {"position": 1}, "prompts": {"position": 2}}) == {"position": 1}
+  assert train.feed_state({"prompts": {"position": 2}}) == {"position": 2}
+  assert train.feed_state({"step": 3}) is None

@@ -50,7 +50,7 @@ def test_tiny_lsg_run_trains_checkpoints_and_resumes(tmp_path):
   per_step = 2 * config.training.global_batch  # fake-step and generator-step prompts
   a, meta_a = _restore(str(tmp_path / "full"), 3, config)
   b, meta_b = _restore(str(tmp_path / "part"), 3, config)
-  assert meta_a["prompts"] == meta_b["prompts"] and meta_b["prompts"]["position"] == 3 * per_step
+  assert meta_a["feed"] == meta_b["feed"] and meta_b["feed"]["position"] == 3 * per_step
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
   # Training moved the generator's EMA away from the teacher's UNet.

@@ -56,7 +56,7 @@ import numpy as np
 from sid_jax import sharding
 
 STATE_VERSION = 1
-SOURCES = ("digits", "edm_zip", "edm2_latent_zip", "tfds")
+SOURCES = ("digits", "edm_zip", "edm2_latent_zip", "tfds", "labels_json")
 # EDM2's normalisation of SD-VAE latents (training/encoders.py, StabilityVAEEncoder; spec §7.4).
 EDM2_RAW_MEAN = (5.81, 3.25, 0.12, -2.15)
 EDM2_RAW_STD = (4.17, 4.62, 3.71, 3.28)
@@ -173,6 +173,9 @@ class _ZipSource:
   def __len__(self) -> int:
     return len(self.names)
 
+  def label_of(self, i: int):
+    return self.labels[int(i)]
+
   def __getitem__(self, i: int) -> dict[str, Any]:
     i = int(i)
     x = self._decode(i)
@@ -274,6 +277,9 @@ class TfdsSource:
   def __len__(self) -> int:
     return len(self._source)
 
+  def label_of(self, i: int):
+    return np.int64(self._source[int(i)][self.label_feature])
+
   def __getitem__(self, i: int) -> dict[str, Any]:
     rec = self._source[int(i)]
     x = np.asarray(rec[self.image_feature])
@@ -316,12 +322,75 @@ class DigitsSource:
   def __len__(self) -> int:
     return len(self.images)
 
+  def label_of(self, i: int):
+    return np.int64(self.labels[int(i)])
+
   def __getitem__(self, i: int) -> dict[str, Any]:
     i = int(i)
     return {"x": self.images[i], "label": np.int64(self.labels[i])}
 
   def __repr__(self) -> str:
     return f"DigitsSource({self.split}, records={len(self)})"
+
+
+class LabelsJson:
+  """Class labels alone, from an EDM/EDM2 `dataset.json` file (what the official SiD-EDM2 runs
+  read: ImageNet's training labels, no images): records {'label'}."""
+
+  kind = "labels"
+  image_shape = None
+  vector_labels = False
+
+  def __init__(self, path: str):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"Label file not found: {path}")
+    with open(path, "rb") as f:
+      text = f.read()
+    try:
+      names = [e[0] for e in json.loads(text)["labels"] or []]
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+      raise ValueError(f"{path} is not EDM's dataset.json format ({e}).") from None
+    self.labels = _labels_from_json(path, names, text)
+    if self.labels is None or not len(self.labels) or self.labels.ndim != 1:
+      raise ValueError(f"{path} holds no class labels.")
+    self.path = path
+    self.num_classes = int(self.labels.max()) + 1
+    crc = zlib.crc32(self.labels.tobytes())
+    self._id = f"records={len(self.labels)}, crc32={crc:08x}"
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def label_of(self, i: int):
+    return self.labels[int(i)]
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    return {"label": self.labels[int(i)]}
+
+  def __repr__(self) -> str:
+    return f"LabelsJson({self._id})"
+
+
+class LabelsOnly:
+  """The labels of a source's records, without reading or decoding the images (a SiD run
+  conditioned on the data's classes)."""
+
+  kind = "labels"
+  image_shape = None
+
+  def __init__(self, source):
+    self.source, self.path = source, source.path
+    self.num_classes = source.num_classes
+    self.vector_labels = source.vector_labels
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    return {"label": self.source.label_of(i)}
+
+  def __repr__(self) -> str:
+    return f"LabelsOnly({self.source!r})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,15 +410,9 @@ class _Prepare(grain.transforms.RandomMap):
     self.bias = np.float32(final_mean) - np.asarray(raw_mean, np.float32) * self.scale
 
   def random_map(self, record, rng):
-    x = record["x"]
-    if self.kind == "uint8":
-      x = x.astype(np.float32) / np.float32(127.5) - np.float32(1)
-    elif self.kind == "latent":
-      c = x.shape[-1] // 2
-      mean, std = x[..., :c], x[..., c:]
-      x = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
-      x = x * self.scale + self.bias
-    out = {"images": np.ascontiguousarray(x, np.float32)}
+    out = {}
+    if self.kind != "labels":
+      out["images"] = self._image(record["x"], rng)
     if self.label_dim:
       label = np.asarray(record["label"])
       if label.ndim == 0:
@@ -358,6 +421,16 @@ class _Prepare(grain.transforms.RandomMap):
         label = onehot
       out["labels"] = label.astype(np.float32)
     return out
+
+  def _image(self, x, rng):
+    if self.kind == "uint8":
+      x = x.astype(np.float32) / np.float32(127.5) - np.float32(1)
+    elif self.kind == "latent":
+      c = x.shape[-1] // 2
+      mean, std = x[..., :c], x[..., c:]
+      x = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
+      x = x * self.scale + self.bias
+    return np.ascontiguousarray(x, np.float32)
 
 
 def make_loader(source, *, batch: int, seed: int, process_index: int = 0, process_count: int = 1,
@@ -414,7 +487,8 @@ class RealFeed:
   def __init__(self, source, mesh, num_micro: int, micro_batch: int, *, image_shape,
                label_dim: int, seed: int = 0, shuffle: bool = True, worker_count: int = 0,
                read_threads: int = 2, prefetch: int = 0, latent_norm: dict | None = None,
-               process_index: int | None = None, process_count: int | None = None):
+               process_index: int | None = None, process_count: int | None = None,
+               images: bool = True):
     """Opens the grain loader over `source` (None: an abstract feed, shapes only, for plans).
 
     Args:
@@ -426,9 +500,13 @@ class RealFeed:
       seed: the shuffle seed (any non-negative integer; grain takes it modulo 2**32).
       shuffle, worker_count, read_threads, prefetch, latent_norm: see `make_loader`.
       process_index, process_count: default jax's.
+      images: False feeds the labels alone ({'labels'}; images are neither read nor decoded).
     """
     self.num_micro, self.micro = int(num_micro), int(micro_batch)
     self.image_shape, self.label_dim = tuple(image_shape), int(label_dim)
+    self.images = bool(images)
+    if not self.images and not self.label_dim:
+      raise ValueError("A labels-only data feed needs config.data.label_dim > 0.")
     self.index = jax.process_index() if process_index is None else int(process_index)
     self.count = jax.process_count() if process_count is None else int(process_count)
     self.sharding = sharding.batch_sharding(mesh, 1)
@@ -439,7 +517,12 @@ class RealFeed:
     if self.micro % self.count:
       raise ValueError(f"config.training.micro_batch={self.micro} is not divisible by the "
                        f"{self.count} processes.")
-    if tuple(source.image_shape) != self.image_shape:
+    if source.kind == "labels" and self.images:
+      raise ValueError(f"{source.path} holds labels only, but this run needs images (SiDA's "
+                       "discriminator); configure an image or latent dataset.")
+    if not self.images and source.kind != "labels":
+      source = self.source = LabelsOnly(source)
+    if self.images and tuple(source.image_shape) != self.image_shape:
       h, w, c = source.image_shape
       raise ValueError(f"{source.path}: the data are {h}x{w} with {c} channels, but config.data "
                        f"asks resolution={self.image_shape[0]}, channels={self.image_shape[2]}.")
@@ -489,8 +572,10 @@ class RealFeed:
 
   def abstract(self) -> dict[str, jax.ShapeDtypeStruct]:
     lead = (self.num_micro, self.micro)
-    out = {"images": jax.ShapeDtypeStruct(lead + self.image_shape, jnp.float32,
-                                          sharding=self.sharding)}
+    out = {}
+    if self.images:
+      out["images"] = jax.ShapeDtypeStruct(lead + self.image_shape, jnp.float32,
+                                           sharding=self.sharding)
     if self.label_dim:
       out["labels"] = jax.ShapeDtypeStruct(lead + (self.label_dim,), jnp.float32,
                                            sharding=self.sharding)
@@ -582,6 +667,8 @@ def open_source(config):
     return EDMImageZip(path)
   if kind == "edm2_latent_zip":
     return EDM2LatentZip(path)
+  if kind == "labels_json":
+    return LabelsJson(path)
   return TfdsSource(path, d.get("split", "") or "train", d.get("data_dir", "") or None,
                     image_feature=d.get("image_feature", "image"),
                     label_feature=d.get("label_feature", "label"))
@@ -596,16 +683,18 @@ def _latent_norm(config) -> dict:
           for k in ("raw_mean", "raw_std", "final_mean", "final_std") if k in dec}
 
 
-def make_feed(config, mesh, num_micro: int, micro_batch: int, abstract: bool = False):
+def make_feed(config, mesh, num_micro: int, micro_batch: int, abstract: bool = False, *,
+              images: bool = True):
   """The real-data feed of `config.data`, or None when it names no dataset.
 
-  config.data fields: `source` ('' none, 'digits', 'edm_zip', 'edm2_latent_zip', 'tfds'), `path`
-  (the zip, or the tfds dataset name), `split` (tfds split, default 'train'; digits 'all'/'a'/
+  config.data fields: `source` ('' none, 'digits', 'edm_zip', 'edm2_latent_zip', 'tfds',
+  'labels_json': an EDM dataset.json, labels only), `path` (the zip or json file, or the tfds
+  dataset name), `split` (tfds split, default 'train'; digits 'all'/'a'/
   'b'), `data_dir` (tfds), `image_feature` / `label_feature` (tfds, default 'image' / 'label'),
   `shuffle` (default True), `seed` (default: config.seed), `worker_count` (grain worker
   processes, default 0), `read_threads` (default 2), `prefetch` (records, default two batches);
   `resolution`, `channels` and `label_dim` must match the data. With `abstract`, no file is
-  opened (shapes only, for `sid_jax.plan`).
+  opened (shapes only, for `sid_jax.plan`); `images=False` feeds labels alone.
   """
   if not configured(config):
     return None
@@ -624,4 +713,34 @@ def make_feed(config, mesh, num_micro: int, micro_batch: int, abstract: bool = F
                   label_dim=int(d.label_dim), seed=seed, shuffle=bool(d.get("shuffle", True)),
                   worker_count=int(d.get("worker_count", 0)),
                   read_threads=int(d.get("read_threads", 2)), prefetch=int(d.get("prefetch", 0)),
-                  latent_norm=latent_norm)
+                  latent_norm=latent_norm, images=images)
+
+
+class LabelFeed:
+  """The step's batch for SiD on a labelled dataset: {'fake': {'labels'}, 'gen': {'labels'}},
+  the class labels of two successive data batches (one per update, as SiDA's loop draws them)
+  in place of uniform draws: the data's class frequencies condition the generator."""
+
+  def __init__(self, feed: RealFeed):
+    self.feed = feed
+
+  def next(self) -> dict[str, dict[str, jax.Array]]:
+    fake = self.feed.next()
+    return {"fake": fake, "gen": self.feed.next()}
+
+  def abstract(self) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
+    a = self.feed.abstract()
+    return {"fake": a, "gen": a}
+
+  def state(self) -> dict[str, Any]:
+    return self.feed.state()
+
+  def restore(self, state: dict[str, Any]) -> None:
+    self.feed.restore(state)
+
+
+def make_label_feed(config, mesh, num_micro: int, micro_batch: int, abstract: bool = False):
+  """A `LabelFeed` when `config.data` names a dataset and the run is conditional, else None."""
+  if not configured(config) or not int(config.data.label_dim):
+    return None
+  return LabelFeed(make_feed(config, mesh, num_micro, micro_batch, abstract, images=False))
