@@ -300,7 +300,7 @@ def test_edm2_latent_feed_from_config(tmp_path):
   want = sorted(map(tuple, np.round(ms[:, :4].transpose(0, 2, 3, 1).reshape(8, -1), 1)))
   np.testing.assert_allclose(got, want, atol=0.11)
   c.decoder.raw_mean = [0.0] * 3
-  with pytest.raises(ValueError, match=r"latents have 4 channels but config.decoder.raw_mean has 3"):
+  with pytest.raises(ValueError, match=r"latents have 4 channels but config.decoder.raw_mean"):
     real.make_feed(c, _mesh(1), 1, 8)
 
 

@@ -13,7 +13,8 @@ memory, sharded over the hosts of a multi-host run and resumable at the exact re
   [2C, h, w] float32, `00000/img-mean-std-00000000.npy`, same `dataset.json`). `TfdsSource`: a
   prepared tensorflow-datasets split read through `tfds.data_source` (ArrayRecord, random
   access; never downloaded or prepared here). `DigitsSource`: scikit-learn's bundled digits
-  (tests and the demo).
+  (tests and the demo). `LabelsJson`: an EDM `dataset.json` alone (labels, no images: what the
+  official SiD-EDM2 runs read); `LabelsOnly` reads just the labels of any source.
 * **Order** (grain's `IndexSampler`): the records are split into `process_count` contiguous
   shards of equal size (the remainder is dropped); host `process_index` reads only its shard,
   reshuffled every epoch from `seed` (`shuffle=False`: file order), endlessly.
@@ -32,6 +33,8 @@ memory, sharded over the hosts of a multi-host run and resumable at the exact re
   exact sequence. The state of any host restores every host (hosts read in lockstep; the shard
   offset is translated). A different process count or worker count cannot continue grain's
   sequence (the shards, or the per-worker split, change) and is refused with a clear error.
+  SiDA pairs two such batches per iteration (`methods.sida.PairFeed`); a conditional SiD run on
+  a dataset takes the labels of two batches (`LabelFeed`, `images=False`: no image decoded).
 
 Memory: nothing grows with the number of records read; per record the zip sources keep only its
 name (and label): the decoded arrays live in grain's bounded prefetch buffer
