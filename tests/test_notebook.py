@@ -55,7 +55,8 @@ def test_notebook_executes_and_shows_a_grid():
   # Outside Colab the install cell installs nothing and names this checkout.
   assert f"Not in Colab: nothing installed. To install here: pip install {configs_util.ROOT!r}" \
       in "".join(o.get("text", "") for o in nb.cells[INSTALL].outputs)
-  assert f"devices: {jax.devices()}" in "".join(o.get("text", "") for o in nb.cells[RUNTIME].outputs)
+  runtime = "".join(o.get("text", "") for o in nb.cells[RUNTIME].outputs)
+  assert f"devices: {jax.devices()}" in runtime and f"backend {jax.default_backend()}" in runtime
   assert "Loaded EDMPrecond generator" in text and "digits_generator" in text
   assert "grid (91, 73, 1) rows = classes [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]" in text
   assert images == 1
@@ -76,8 +77,8 @@ def test_install_cell_in_colab_installs_the_runtime_extra(path, monkeypatch):
             "sid_jax[cuda12] @ git+https://example.org/o/sid_jax"),
            ("git+https://example.org/o/sid_jax", None, [], "git+https://example.org/o/sid_jax")]
   for repo, nvidia_smi, accel, target in cases:
-    with mock.patch.dict(sys.modules, _fake_colab()), \
-        mock.patch("shutil.which", lambda name, s=nvidia_smi: s if name == "nvidia-smi" else None), \
+    which = lambda name, s=nvidia_smi: s if name == "nvidia-smi" else None
+    with mock.patch.dict(sys.modules, _fake_colab()), mock.patch("shutil.which", which), \
         mock.patch("glob.glob", lambda pattern, a=accel: fnmatch.filter(a, pattern)), \
         mock.patch("subprocess.run") as run:
       exec(source.replace('REPO = ""', f"REPO = {repo!r}"), {})  # pylint: disable=exec-used
@@ -87,6 +88,19 @@ def test_install_cell_in_colab_installs_the_runtime_extra(path, monkeypatch):
       pytest.raises(FileNotFoundError, match="REPO '/nonexistent': no setup.py"):
     exec(source.replace('REPO = ""', "REPO = '/nonexistent'"), {})  # pylint: disable=exec-used
   run.assert_not_called()
+
+
+def test_runtime_cell_prints_devices_and_warns_when_an_accelerator_is_unused(capsys):
+  """The runtime cell prints JAX's devices; on a GPU/TPU runtime (EXTRA set) whose JAX still runs
+  on CPUs it says to restart the session."""
+  for path in (NOTEBOOK, T2I_NOTEBOOK):
+    for extra, warning in (("", None), ("cuda12", "GPU"), ("tpu", "TPU")):
+      exec(_source(path, RUNTIME), {"EXTRA": extra})  # pylint: disable=exec-used
+      out = capsys.readouterr().out
+      assert f"devices: {jax.devices()}" in out
+      assert ("WARNING" in out) == (warning is not None), (extra, out)
+      if warning:
+        assert f"this runtime has a {warning} but JAX sees only CPUs" in out
 
 
 def _load_cells(path, uploads, colab=True, **params):
