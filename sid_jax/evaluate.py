@@ -40,7 +40,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from sid_jax import checkpoints, cli, images, sharding
+from sid_jax import checkpoints, cli, images, progress, sharding
 from sid_jax import run as run_lib
 from sid_jax.data import prompts as prompts_lib
 from sid_jax.evaluation import clip_score
@@ -386,6 +386,28 @@ def _fid_protocol(name: str) -> protocols.Protocol:
   return p
 
 
+def _batches_with_progress(source: ImageSource):
+  """The source's RGB batches of --batch images; rate and ETA go to the log (sid_jax.progress)."""
+  report = progress.Progress("evaluate: Inception features", source.num)
+  return progress.iterate(source.rgb_batches(FLAGS.batch), report, size=len)
+
+
+def _load_ref(path: str) -> metrics_lib.RefStats:
+  """`--ref`: any file that is not readable statistics (empty, truncated, not an .npz) is one
+  EvaluationError naming it."""
+  try:
+    return metrics_lib.load_ref_stats(path)
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # np.load's own errors (EOFError for an empty file, BadZipFile, pickled data...) name no file.
+    message = " ".join(str(e).split())
+    if path in message:
+      raise EvaluationError(message) from None
+    raise EvaluationError(f"--ref {path} is not readable reference statistics (an .npz with "
+                          f"'mu' and 'sigma'): {type(e).__name__}: {message}") from None
+
+
 def _check_ref(ref: metrics_lib.RefStats, protocol: protocols.Protocol,
                weights_hash: str | None) -> None:
   try:
@@ -442,7 +464,7 @@ def evaluate_command() -> dict[str, Any]:
       raise EvaluationError(f"--metrics {','.join(needs_ref)} need reference statistics: pass "
                             "--ref STATS.npz (EDM fid-refs, or `python -m sid_jax.evaluate "
                             "make-ref ... --out STATS.npz`).")
-    ref = metrics_lib.load_ref_stats(FLAGS.ref)
+    ref = _load_ref(FLAGS.ref)
     if ref.mu.shape[0] != 2048:
       raise EvaluationError(f"--ref {ref.path} holds {ref.mu.shape[0]}-d statistics; the "
                             "Inception pool features are 2048-d.")
@@ -495,7 +517,7 @@ def evaluate_command() -> dict[str, Any]:
     keep = (["pool"] if {"pr", "kid"} & set(metrics) else []) + (
         ["logits_unbiased"] if "is" in metrics else [])
     logging.info("Computing Inception features of %d images from %s.", source.num, source.path)
-    stream = detector.stream(source.rgb_batches(FLAGS.batch), keep=keep, log_every=50)
+    stream = detector.stream(_batches_with_progress(source), keep=keep, log_every=50)
     n = stream.num
     common = {"input_notes": source.notes}
     for metric in inception_metrics:
@@ -561,7 +583,7 @@ def make_ref_command() -> dict[str, Any]:
   _check_batch(FLAGS.batch, mesh)
   detector, weights = _load_detector(FLAGS.inception, mesh, FLAGS.batch)
   keep = ("pool",) if FLAGS.save_features else ()
-  stream = detector.stream(source.rgb_batches(FLAGS.batch), keep=keep, log_every=50)
+  stream = detector.stream(_batches_with_progress(source), keep=keep, log_every=50)
   description = json.dumps(source.describe(), sort_keys=True, default=str)
   if jax.process_index() == 0:
     metrics_lib.save_ref_stats(FLAGS.out, stream.moments.mean(),
@@ -659,4 +681,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parser(FLAGS, __doc__))
+  app.run(main, flags_parser=cli.parser(FLAGS, __doc__, "sid_jax.evaluate"))

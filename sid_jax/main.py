@@ -12,12 +12,16 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sid_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 JOBS = ("distill", "train_teacher")
+# The errors of checks a user can act on (settings, files); anything else keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, app.UsageError)
 
 
 class _QuietLibraries:
@@ -61,9 +65,14 @@ def _init_distributed():
 
 
 def main(argv):
+  """Runs the job; a user error (a bad setting, a missing file) is one line and exit status 2."""
+  cli.report_errors("sid_jax.main", lambda: _main(argv), USER_ERRORS)
+
+
+def _main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  config = _CONFIG.value
+  config = cli.loaded_config(lambda: _CONFIG.value)
   if config.job not in JOBS:
     raise app.UsageError(f"config.job={config.job!r} is not one of {JOBS}.")
   _init_distributed()
@@ -86,4 +95,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parser(None, __doc__, "sid_jax.main"))

@@ -409,17 +409,19 @@ def run(config, target: str = "local", device_memory_gib: float | None = None,
 
 
 def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments {argv[1:]}.")
-  if FLAGS.config is None:
-    raise app.UsageError("--config is required (configs/NAME.py[:ARG]).")
-  plan = cli.report_errors("sid_jax.plan", lambda: run(
-      FLAGS.config, FLAGS.target, FLAGS.device_memory_gib, FLAGS.json, FLAGS.parts,
-      FLAGS.shapes_only),
+  def plan():
+    if len(argv) > 1:
+      raise ValueError(f"Unexpected arguments {argv[1:]}.")
+    if FLAGS.config is None:
+      raise ValueError("--config is required (configs/NAME.py[:ARG]).")
+    return run(cli.loaded_config(lambda: FLAGS.config), FLAGS.target, FLAGS.device_memory_gib,
+               FLAGS.json, FLAGS.parts, FLAGS.shapes_only)
+
+  plan = cli.report_errors("sid_jax.plan", plan,
                            errors=(ValueError, FileNotFoundError, RuntimeError))
   if plan.fits is False:
     sys.exit(3)  # a launch script can stop here
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parser(FLAGS, __doc__))
+  app.run(main, flags_parser=cli.parser(FLAGS, __doc__, "sid_jax.plan"))

@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 import zipfile
 from typing import Any, Sequence
 
@@ -48,7 +47,7 @@ from absl import app, flags
 import jax
 import numpy as np
 
-from sid_jax import checkpoints, cli, generators, images
+from sid_jax import checkpoints, cli, generators, images, progress
 from sid_jax.data import prompts as prompts_lib
 from sid_jax.models import stable_diffusion
 
@@ -221,6 +220,8 @@ flags.DEFINE_integer("steps", 1, "Text-to-image: generation steps k (t_i = floor
                      "(1 - i/k))).", flag_values=FLAGS)
 flags.DEFINE_integer("init_timestep", None, "Text-to-image: t_init (default: the "
                      "generator's, 625 for SiD-LSG).", flag_values=FLAGS)
+flags.DEFINE_float("progress_secs", progress.DEFAULT_EVERY_SECS, "Seconds between progress "
+                   "lines (rate, ETA) on the log; 0 = after every batch.", flag_values=FLAGS)
 flags.DEFINE_string("latents", None, "Text-to-image: .npy of latents [N, 4, h, w] (NCHW) or "
                     "[N, h, w, 4], one per listed seed, instead of jax.random ones.",
                     flag_values=FLAGS)
@@ -235,7 +236,8 @@ def _write_record(outdir: str, record: dict[str, Any]) -> None:
 def run_text_to_image(directory: str, *, outdir: str, seeds: str, prompts: str | None,
                       custom_seed: bool = False, steps: int = 1, init_timestep: int | None = None,
                       latents: str | None = None, batch: int | None = None, npz: bool = False,
-                      png: bool = True, mesh=None) -> str:
+                      png: bool = True, mesh=None,
+                      progress_secs: float = progress.DEFAULT_EVERY_SECS) -> str:
   """The text-to-image command (see the module docstring); returns the output directory."""
   spec = checkpoints.load_network_spec(directory)
   if not prompts:
@@ -281,7 +283,8 @@ def run_text_to_image(directory: str, *, outdir: str, seeds: str, prompts: str |
   _write_record(outdir, record)
 
   stream = None
-  count, last_report = 0, time.time()
+  count = 0
+  report = progress.Progress("sample", len(seed_list), every_secs=progress_secs)
   try:
     for start, x, _ in gen.batches(seed_list, prompt_list, steps, latents=z,
                                    batch=batch or T2I_BATCH):
@@ -294,9 +297,7 @@ def run_text_to_image(directory: str, *, outdir: str, seeds: str, prompts: str |
         for name, img in zip(names[start:start + len(u8)], u8):
           images.save_png(os.path.join(outdir, f"{name:06d}.png"), img)
       count += len(u8)
-      if time.time() - last_report > 30 or count == len(seed_list):
-        print(f"[sid_jax] {count}/{len(seed_list)} images", flush=True)
-        last_report = time.time()
+      report.update(count)
     if stream is not None:
       stream.close(seeds=np.asarray(seed_list, np.int64), prompts=np.asarray(prompt_list, str))
       stream = None
@@ -310,16 +311,20 @@ def run_text_to_image(directory: str, *, outdir: str, seeds: str, prompts: str |
 def run(*, outdir: str, seeds: str, workdir: str | None = None, checkpoint: str | None = None,
         class_idx: int | None = None, batch: int | None = None, npz: bool = False,
         png: bool = True, prompts: str | None = None, custom_seed: bool = False, steps: int = 1,
-        init_timestep: int | None = None, latents: str | None = None, mesh=None) -> str:
+        init_timestep: int | None = None, latents: str | None = None, mesh=None,
+        progress_secs: float = progress.DEFAULT_EVERY_SECS) -> str:
   """What the command does; returns the output directory.
 
   The generator's network.json decides the mode: a Stable Diffusion model is sampled as a
   text-to-image generator (`run_text_to_image`; `prompts` required), anything else as a
   class-conditional / unconditional one-step generator. `mesh` defaults to all devices.
+  Progress (rate, ETA) is logged every `progress_secs` seconds (0: every batch).
   """
   directory = resolve_generator_dir(workdir, checkpoint)
   if batch is not None and batch <= 0:
     raise ValueError(f"--batch must be positive, got {batch}.")
+  if progress_secs < 0:
+    raise ValueError(f"--progress_secs must be >= 0, got {progress_secs}.")
   spec = checkpoints.load_network_spec(directory)
   if generators.is_text_to_image(spec):
     if class_idx is not None:
@@ -327,7 +332,8 @@ def run(*, outdir: str, seeds: str, workdir: str | None = None, checkpoint: str 
                        "text-to-image generator (use --prompts).")
     return run_text_to_image(directory, outdir=outdir, seeds=seeds, prompts=prompts,
                              custom_seed=custom_seed, steps=steps, init_timestep=init_timestep,
-                             latents=latents, batch=batch, npz=npz, png=png, mesh=mesh)
+                             latents=latents, batch=batch, npz=npz, png=png, mesh=mesh,
+                             progress_secs=progress_secs)
   t2i_only = {"--prompts": prompts is not None, "--custom_seed": custom_seed,
               "--steps": steps != 1, "--init_timestep": init_timestep is not None,
               "--latents": latents is not None}
@@ -342,7 +348,9 @@ def run(*, outdir: str, seeds: str, workdir: str | None = None, checkpoint: str 
     raise ValueError("--class given, but this generator is unconditional.")
   if class_idx is not None and not 0 <= class_idx < gen.label_dim:
     raise ValueError(f"--class {class_idx} is out of range for label_dim={gen.label_dim}.")
-  parts = list(gen.batches(seed_list, class_idx, batch=batch or CLASS_BATCH))
+  report = progress.Progress("sample", len(seed_list), every_secs=progress_secs)
+  parts = list(progress.iterate(gen.batches(seed_list, class_idx, batch=batch or CLASS_BATCH),
+                                report, size=lambda part: len(part[1])))
   u8 = images.to_uint8(np.concatenate([x for _, x, _ in parts]))
   labels = np.concatenate([l for _, _, l in parts])
   os.makedirs(outdir, exist_ok=True)
@@ -366,7 +374,7 @@ def execute(args: list[str]) -> str:
   return run(outdir=f.outdir, seeds=f.seeds, workdir=f.workdir, checkpoint=f.checkpoint,
              class_idx=f["class"].value, batch=f.batch, npz=f.npz, png=f.png, prompts=f.prompts,
              custom_seed=f.custom_seed, steps=f.steps, init_timestep=f.init_timestep,
-             latents=f.latents)
+             latents=f.latents, progress_secs=f.progress_secs)
 
 
 def main(argv: list[str]) -> None:
@@ -374,4 +382,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parser(FLAGS, __doc__))
+  app.run(main, flags_parser=cli.parser(FLAGS, __doc__, "sid_jax.sample"))

@@ -61,7 +61,9 @@ def _declared(lines, environment=None):
 
 def _check_ranges(lock, declared, exact=()):
   """Same packages; each locked version lies in its range, which starts at that version."""
-  assert set(declared) == set(lock), (sorted(set(declared) ^ set(lock)))
+  assert set(declared) == set(lock), (
+      f"locked but not in setup.py: {sorted(set(lock) - set(declared))}; in setup.py but not "
+      f"locked: {sorted(set(declared) - set(lock))}")
   for key, version in lock.items():
     spec = declared[key].specifier
     assert spec.contains(version), f"{key[0]}: the lock's {version} is outside {spec}"

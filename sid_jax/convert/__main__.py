@@ -74,6 +74,7 @@ This module only parses the command line and prints; the work is `sid_jax.models
 from __future__ import annotations
 
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -84,7 +85,8 @@ from sid_jax.weights import pickles
 
 PROG = "python -m sid_jax.convert"
 FAMILIES = ("edm", "edm2", "sd", "vae")
-# The errors a user can cause; each is printed after "error: " and exits 1 (2 for UsageError).
+# The errors a user can cause; each is one line "sid_jax.convert: error: ..." (the traceback too
+# with --verbosity=1) and exit status 1 (2 for a bad command line).
 USER_ERRORS = (ValueError, FileNotFoundError, ImportError, pickles.UnsafePickleError)
 
 # Flags live in their own FlagValues, so the converter can run in-process (tests, notebooks) next
@@ -157,7 +159,9 @@ def _finish(convert) -> int:
   try:
     summary = convert()
   except (flags.Error, *USER_ERRORS) as e:
-    print(f"error: {e}", file=sys.stderr)
+    if cli.debug_requested():
+      traceback.print_exc()
+    print(f"sid_jax.convert: error: {e}", file=sys.stderr)
     return 2 if isinstance(e, (flags.Error, UsageError)) else 1
   print("\n".join(summary.lines()))
   return 0
@@ -171,4 +175,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(_finish(lambda: execute(argv[1:]))), flags_parser=cli.quiet_parser(FLAGS, __doc__, "sid_jax.convert"))
+  app.run(lambda argv: sys.exit(_finish(lambda: execute(argv[1:]))),
+          flags_parser=cli.quiet_parser(FLAGS, __doc__, "sid_jax.convert"))

@@ -39,6 +39,8 @@ declares:
   helper classes and functions included -- refuses it, so a file cannot rebind them;
 * protocol 5 out-of-band buffers are refused.
 
+`load` logs its progress (bytes read, rate, ETA; `sid_jax.progress`) for files of 64 MiB or more.
+
 `UnsafePickleError` is a `strict.WeightFileError` (a ValueError), the converters' one error type
 for unreadable weight files; `load` puts the file's path in every message.
 
@@ -59,6 +61,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from sid_jax import progress
 from sid_jax.weights.strict import WeightFileError
 
 RECONSTRUCT = ("torch_utils.persistence", "_reconstruct_persistent_obj")
@@ -66,6 +69,8 @@ _TORCH_CONTAINERS = ("ModuleDict", "ModuleList", "Sequential")
 _NUMERIC_KINDS = "biufc"  # bool, signed, unsigned, float, complex.
 _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_TORCH_MAGIC = 0x1950a86a20f9469cfc6c  # First object of a pre-1.6 `torch.save` file.
+PROGRESS_MIN_BYTES = 64 * 2**20  # `load` logs its progress (rate, ETA) for files this large
+_REPORT_READS = 4096  # reads at least this long update the progress (the tensor storages)
 
 
 class UnsafePickleError(WeightFileError, pickle.UnpicklingError):
@@ -415,8 +420,8 @@ class _BoundedReader:
   """A file whose reads never go past its end: a read of more bytes than are left (a truncated
   file, or a corrupted or crafted length) fails before anything is allocated."""
 
-  def __init__(self, f, size: int):
-    self._f, self._size = f, size
+  def __init__(self, f, size: int, report: progress.Progress | None = None):
+    self._f, self._size, self._report = f, size, report
 
   def left(self) -> int:
     return self._size - self._f.tell()
@@ -430,6 +435,8 @@ class _BoundedReader:
     data = self._f.read(n)
     if len(data) != n:
       raise UnsafePickleError(f"truncated: read {len(data)} of {n} bytes.")
+    if self._report is not None and n >= _REPORT_READS:
+      self._report.update(self._size - self.left())
     return data
 
   def readline(self) -> bytes:
@@ -557,13 +564,15 @@ def _load_storage(data: bytes) -> _Storage:
   return _Storage(np.frombuffer(reader.read(), dtype=dtype))
 
 
-def _load_stream(f, size: int, source_name: str) -> Any:
+def _load_stream(f, size: int, source_name: str, report: progress.Progress | None = None) -> Any:
+  if size == 0:
+    raise UnsafePickleError(f"{source_name} is empty (0 bytes), not a network pickle.")
   if f.read(4) == _ZIP_MAGIC:
     raise UnsafePickleError(
         f"{source_name} is a torch.save archive (zip), not a network pickle. Give it a .pt "
         "extension and pass --spec.")
   f.seek(0)
-  reader = _BoundedReader(f, size)
+  reader = _BoundedReader(f, size, report)
   obj = _DataOnlyUnpickler(reader, source_name, _allowed_globals()).load()
   if isinstance(obj, int) and obj == _LEGACY_TORCH_MAGIC:
     raise UnsafePickleError(
@@ -609,7 +618,13 @@ def load(path: str | os.PathLike) -> Any:
 
   def read():
     with open(path, "rb") as f:
-      return _load_stream(f, os.fstat(f.fileno()).st_size, path)
+      size = os.fstat(f.fileno()).st_size
+      report = (progress.Progress(f"reading {os.path.basename(path)}", size, unit="bytes")
+                if size >= PROGRESS_MIN_BYTES else None)
+      obj = _load_stream(f, size, path, report)
+      if report is not None:
+        report.finish()
+      return obj
 
   return _named(path, read)
 
