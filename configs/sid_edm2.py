@@ -108,8 +108,9 @@ def get_config(arg=None):
   c.teacher.official_name = p["teacher"]
   c.teacher.official_url = TEACHER_URL + p["teacher"]
   c.model.init_from = "teacher"
-  # The teacher's architecture (documentation, and the network of teacher type 'random'); with
-  # init_from='teacher' the students copy the converted checkpoint's own spec.
+  # The teacher's architecture (the network of teacher type 'random'); with init_from='teacher'
+  # the students copy the converted checkpoint's own spec except SiD's own settings
+  # (models.STUDENT_SETTINGS: the dropout, spec §4.7), which come from here.
   c.model.class_name = "Precond"
   c.model.kwargs = edm2_arch(p["model_channels"], p["dropout"])
 

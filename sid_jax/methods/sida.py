@@ -12,7 +12,9 @@ same teacher, students, augmentation, EDM2 projection, sampling and export), it 
 * the warm-up: the generator's optimiser step is skipped while at most `generator_frozen_kimg`
   images are done (`steps.SiDHyper.generator_frozen_nimg`);
 * EDM2's forced weight normalisation (`config.sid.force_normalization`) on the generator only,
-  as the official SiDA-EDM2 runs effectively apply it (spec §7.2: the fake score's hook is dead);
+  as the official SiDA-EDM2 runs effectively apply it (spec §7.2: the fake score's hook is dead;
+  the official G_ema is also renormalised in place whenever it is sampled, which changes no
+  output and is not replicated here); set it False for the S configuration (force-norm 0);
 * the batch: real images and labels from `sid_jax.data.real`'s feed, two batches per iteration
   as in the official loop (the fake step's images and labels, the generator step's labels;
   `PairFeed`);
