@@ -318,7 +318,7 @@ def test_generator_pickle(sd1_teacher, tmp_path, capsys):
 def test_missing_folders(sd1_teacher, tmp_path, capsys):
   teacher = sd1_teacher
   code, out, err = _run(["sd", "--src", tmp_path / "nope", "--dst", tmp_path / "o"], capsys)
-  assert code == 1 and out == "" and err.startswith("error: ")
+  assert code == 1 and out == "" and err.startswith("sid_jax.convert: error: ")
   assert str(tmp_path / "nope") in err and "no such directory" in err
 
   partial = tmp_path / "partial"
