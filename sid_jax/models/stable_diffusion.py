@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import regex
 
 from sid_jax import checkpoints, denoisers
 from sid_jax.data import byte_tokenizer
@@ -41,6 +42,8 @@ from sid_jax.weights import sd_vae as sd_vae_weights
 CLASS_NAME = "StableDiffusion"
 TOKENIZER_DIR = "tokenizer"
 MAX_LENGTH = 77
+# Runs of whitespace, as the slow CLIPTokenizer finds them (the `regex` module, its pattern).
+_WHITESPACE = regex.compile(r"\s+")
 # Tokenizer files copied from a diffusers folder into a converted checkpoint.
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json",
                    "special_tokens_map.json", "tokenizer.json", "added_tokens.json")
@@ -98,8 +101,9 @@ class StableDiffusion:
     return (int(size), int(size), int(self.unet.in_channels))
 
   def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
-    """[N, 77] int32 ids: max-length padding and truncation, as the official training code."""
-    prompts = list(prompts)
+    """[N, 77] int32 ids: the slow tokenizer's text cleaning (`clean_prompt`), max-length padding
+    and truncation, as the official training and sampling code."""
+    prompts = [clean_prompt(p) for p in prompts]
     if not prompts:
       return np.zeros((0, MAX_LENGTH), np.int32)
     ids = self.tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
@@ -115,6 +119,30 @@ class StableDiffusion:
     """Scaled latents (the generator's output space) -> images in about [-1, 1], NHWC."""
     return self.vae.apply({"params": vae_params}, latents,
                           method=sd_vae.AutoencoderKL.decode_scaled).astype(jnp.float32)
+
+
+def clean_prompt(text: str) -> str:
+  """A prompt as the official SiD-LSG tokenised it (lsg_spec §1.1).
+
+  Training and sampling used transformers 4's slow `CLIPTokenizer`, which with ftfy installed
+  (ftfy 6.2.0 in the official environment) cleans each text before splitting it into words:
+  `ftfy.fix_text`, runs of whitespace to one space, ends stripped, lower case. transformers 5 only
+  has the fast tokenizer, which skips ftfy: curly quotes, mojibake, full-width letters, ligatures
+  and HTML entities (frequent in LAION prompts) would get other tokens than the generator was
+  trained with.
+  """
+  if not isinstance(text, str):
+    raise TypeError(f"A prompt must be a str, got {type(text).__name__}: {text!r}.")
+  return _WHITESPACE.sub(" ", _ftfy().fix_text(text)).strip().lower()
+
+
+def _ftfy():
+  try:
+    import ftfy  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("Tokenising prompts needs ftfy (requirements.txt: ftfy==6.3.1), as the "
+                      "official SiD-LSG tokenizer cleaned text with it.") from e
+  return ftfy
 
 
 def _tokenizer(directory: str):
