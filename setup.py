@@ -43,6 +43,8 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.21.0",
     # CLIPTokenizer only; transformers 5 (no Flax classes), whose constructor rules we follow.
     "transformers>=5.23.0",
+    # The text cleaning of the slow CLIPTokenizer SiD-LSG trained with.
+    "ftfy>=6.3.1",
     "pillow>=13.0.0",
     "psutil>=7.2.2",
     # The digits demo reads scikit-learn's bundled UCI digits.
