@@ -57,7 +57,13 @@ def _pixel_axes(x: Array) -> tuple[int, ...]:
 
 
 def finite_mask(*arrays: Array) -> Array:
-  """[B] bool: True for samples whose every value in every array is finite."""
+  """[B] bool: True for samples whose every value in every array is finite.
+
+  A documented difference from the official code, which drops only samples containing a NaN
+  (`torch.isnan`): a sample with ±inf (and no NaN) stays in its batch there, so the batch's
+  loss is infinite and its gradients become NaN, then nan_to_num's 0 / ±1e5. Masking it keeps
+  the other samples' loss and gradient. Without ±inf the two agree exactly.
+  """
   mask = None
   for a in arrays:
     m = jnp.all(jnp.isfinite(a), axis=_pixel_axes(a)) if a.ndim > 1 else jnp.isfinite(a)

@@ -187,9 +187,6 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
   run = run_lib.build_run(config, devices)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   logging.info("Mesh %s over %d devices; teacher %s.", dict(run.mesh.shape), run.mesh.size,
                run.teacher.info)
 
@@ -216,6 +213,9 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
     state = run_lib.initial_state(run)
     rng_data = jax.device_put(jax.random.key_data(jax.random.key(config.seed)),
                               sharding.replicated(run.mesh))
+  if is_main:  # after the resume checks: a refused run leaves the workdir as it was
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   base_key = jax.random.wrap_key_data(rng_data)
   start = int(jax.device_get(state.step))
 
