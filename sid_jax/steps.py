@@ -168,12 +168,14 @@ def draw_labels(setup: SiDSetup, key: Array, shape: tuple[int, ...]) -> Array | 
 
 
 def _draws(setup: SiDSetup, key: Array, loss, raw_cond: Array | dict | None = None,
-           dropout: float = 0.0) -> dict[str, Array]:
+           dropout: float = 0.0, given: dict[str, Array] | None = None) -> dict[str, Array]:
   """z, labels, the loss's own draws (`loss.draw`: noise levels) and noise for every micro-batch.
 
   With `setup.conditioning`, the batch's raw conditions `raw_cond` [num_micro, micro, ...] take
   the place of drawn labels, and `dropout` > 0 adds a Bernoulli mask 'drop' (condition replaced
-  by the unconditional one). A dict `raw_cond` is real data (see `SiDSetup`).
+  by the unconditional one). `given` replaces draws of the same names and shapes (a seam for
+  parity tests against another implementation's draws; training never passes it). A dict
+  `raw_cond` is real data (see `SiDSetup`).
   """
   lead = (setup.num_micro, setup.micro_batch)
   data = raw_cond if isinstance(raw_cond, dict) else None
@@ -204,6 +206,12 @@ def _draws(setup: SiDSetup, key: Array, loss, raw_cond: Array | dict | None = No
   elif getattr(loss, "uses_real_data", False):
     raise ValueError("This fake-score loss needs real images, but the batch has none (the run "
                      "needs a dataset: config.data).")
+  for name, value in (given or {}).items():
+    if name not in out or tuple(value.shape) != tuple(out[name].shape):
+      expected = {k: tuple(v.shape) for k, v in out.items()}
+      raise ValueError(f"Given draw {name!r} with shape {tuple(value.shape)} is not one of this "
+                       f"update's draws {expected}.")
+    out[name] = jnp.asarray(value, out[name].dtype)
   return {k: _constrain(setup, v) for k, v in out.items()}
 
 
@@ -315,7 +323,7 @@ def fake_score_step(setup: SiDSetup, state: SiDState, key: Array, frozen=None,
   h = setup.hyper
   k_draw, k_drop, k_aug = jax.random.split(key, 3)
   draws = _draws(setup, k_draw, setup.fake_loss, (batch or {}).get("fake"),
-                 h.effective_cond_dropout)
+                 h.effective_cond_dropout, (batch or {}).get("fake_draws"))
   uncond = _uncond(setup, frozen)
   real_data = getattr(setup.fake_loss, "uses_real_data", False)
 
@@ -351,7 +359,8 @@ def generator_step(setup: SiDSetup, state: SiDState, teacher_params, key: Array,
   teacher and kappa_2-guided fake score); G in train mode, psi frozen."""
   h = setup.hyper
   k_draw, k_drop = jax.random.split(key)
-  draws = _draws(setup, k_draw, setup.generator_loss, (batch or {}).get("gen"))
+  draws = _draws(setup, k_draw, setup.generator_loss, (batch or {}).get("gen"),
+                 given=(batch or {}).get("gen_draws"))
   uncond = _uncond(setup, teacher_params)
   teacher = denoisers.guided(functools.partial(setup.teacher, teacher_params), h.cfg_teacher,
                              uncond)
@@ -409,7 +418,10 @@ def train_step(setup: SiDSetup, state: SiDState, teacher_params, base_key: Array
   `batch` carries per-sample inputs that are not drawn in the step: with `setup.conditioning`,
   {'fake': raw conditions for the psi step, 'gen': independent ones for the theta step}, each
   [num_micro, micro_batch, ...] (e.g. token ids); with real data (SiDA) each half is a dict
-  {'images', 'labels'} as `sid_jax.data.real`'s feed yields it (see `SiDSetup`).
+  {'images', 'labels'} as `sid_jax.data.real`'s feed yields it (see `SiDSetup`). Optional
+  'fake_draws' / 'gen_draws' dicts replace that update's own draws of the same names and global
+  shapes (z, noise, sigma, drop; parity tests inject another implementation's draws through
+  them).
   """
   key = jax.random.fold_in(base_key, state.step)
   k_fake, k_gen = jax.random.split(key)
