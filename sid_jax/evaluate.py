@@ -8,11 +8,13 @@ Evaluate a generator checkpoint, a folder of images or an image array:
   python -m sid_jax.evaluate --images DIR --inception FILE --ref STATS.npz
   python -m sid_jax.evaluate --npz samples.npz --inception FILE --ref STATS.npz --metrics fid,pr,kid
 
-CLIP score of text-to-image samples against the captions they were generated from (image i of the
-natural-sorted folder, or of the array, pairs with line i of --captions):
+CLIP score of text-to-image samples against the captions they were generated from: the image of
+seed s meets caption line s. Samples written by `sid_jax.sample` record each image's prompt (and
+are checked against --captions); for other folders or arrays name the seeds in image order:
 
   python -m sid_jax.evaluate --images DIR --metrics clip --captions captions.txt \\
-      --clip_model CLIP-ViT-g-14-laion2B-s12B-b42K [--clip_protocol sid-lsg|plain]
+      --clip_model CLIP-ViT-g-14-laion2B-s12B-b42K [--clip_protocol sid-lsg|plain] \\
+      [--seeds 0-29999]
 
 Build reference statistics from real images (add --save_features for precision/recall and KID):
 
@@ -42,10 +44,12 @@ import numpy as np
 
 from sid_jax import checkpoints, cli, images, progress, sharding
 from sid_jax import run as run_lib
+from sid_jax import sample as sample_lib
 from sid_jax.data import prompts as prompts_lib
 from sid_jax.evaluation import clip_score
 from sid_jax.evaluation import features as features_lib
 from sid_jax.evaluation import metrics as metrics_lib
+from sid_jax.evaluation import pairing
 from sid_jax.evaluation import protocols
 from sid_jax.nets import clip
 from sid_jax.evaluation.sources import (ImageSource, SourceError, folder_source, npz_source,
@@ -81,7 +85,9 @@ _ = flags.DEFINE_list("metrics", ["fid"], "Any of fid, is, pr, kid; clip (text-t
                       "samples, with --clip_model and --captions); gmm (Gaussian-mixture teacher "
                       "checkpoints only).", flag_values=FLAGS)
 _ = flags.DEFINE_string("fid_protocol", protocols.DEFAULT_FOR_METRIC["fid"], "FID protocol: "
-                        "edm-fid50k or sid-fid50k-full.", flag_values=FLAGS)
+                        "edm-fid50k, sid-fid50k-full (EDM / SiD), pytorch-fid50k or "
+                        "coco2014-fid30k-clean (SiD-LSG's COCO FID; --images of any size).",
+                        flag_values=FLAGS)
 _ = flags.DEFINE_integer("batch", 64, "Detector batch (a multiple of the device count); also "
                          "the CLIP model's images per jitted call.", flag_values=FLAGS)
 _ = flags.DEFINE_string("clip_model", None, "--metrics clip: a Hugging Face CLIPModel folder "
@@ -91,8 +97,12 @@ _ = flags.DEFINE_string("clip_model", None, "--metrics clip: a Hugging Face CLIP
 _ = flags.DEFINE_string("clip_tokenizer", None, "--metrics clip: the CLIP tokenizer's folder "
                         "(vocab.json, merges.txt) if it is not --clip_model.", flag_values=FLAGS)
 _ = flags.DEFINE_string("captions", None, "--metrics clip: a UTF-8 text file, one caption per "
-                        "line; line i pairs with image i (natural-sorted --images, array order "
-                        "of --npz).", flag_values=FLAGS)
+                        "line; the image of seed s pairs with line s (as recorded by "
+                        "sid_jax.sample, or by --seeds).", flag_values=FLAGS)
+_ = flags.DEFINE_string("seeds", None, "--metrics clip on samples that do not record their "
+                        "prompts: the seeds of the images in reading order (natural-sorted "
+                        "--images, array order of --npz), e.g. 0-29999 or 1,5,9; the image of "
+                        "seed s pairs with caption line s.", flag_values=FLAGS)
 _ = flags.DEFINE_string("clip_protocol", clip_score.PROTOCOLS[0], "--metrics clip: 'sid-lsg' = "
                         "the CLIP score SiD-LSG reports (protocol coco2014-clip30k-vitg14: "
                         "captions prefixed with 'A photo depicts ', GigaGAN/open_clip "
@@ -217,6 +227,7 @@ class ClipInputs:
     protocol: the registered protocol of `preprocess`.
     model_info: the folders and the model's sizes (from config.json), recorded with the score.
     notes: caveats printed with the score.
+    pairing: how images were paired with captions (`paired_captions`), printed with the score.
   """
   model_dir: str
   tokenizer_dir: str
@@ -226,6 +237,7 @@ class ClipInputs:
   protocol: protocols.Protocol
   model_info: dict[str, Any]
   notes: list[str] = dataclasses.field(default_factory=list)
+  pairing: str = ""
 
 
 def read_captions(path: str) -> list[str]:
@@ -317,23 +329,25 @@ def check_clip_inputs(kind: str) -> ClipInputs:
 
 
 def paired_captions(inputs: ClipInputs, source: ImageSource, num: int | None) -> list[str]:
-  """The captions of `source`'s images: all of them, or the first `num` of both.
+  """The caption of each of `source`'s images (`sid_jax.evaluation.pairing.caption_pairs`: by
+  the prompts the samples record, else by --seeds); says how in `inputs.pairing`.
 
   Raises:
-    EvaluationError: naming both counts when they differ (and `num` does not limit both).
+    EvaluationError: naming the flag or file when the pairing is unknown or does not fit.
   """
-  have = len(inputs.captions)
-  if num is not None:
-    if have < num:
-      raise EvaluationError(f"--num={num}, but --captions {inputs.captions_path} holds {have} "
-                            "captions.")
-    return inputs.captions[:num]
-  if have != source.num:
-    raise EvaluationError(
-        f"--captions {inputs.captions_path} holds {have} captions, but --{source.kind} "
-        f"{source.path} holds {source.num} images: one caption per image (or evaluate the "
-        "first N of both with --num N).")
-  return inputs.captions
+  seeds = None
+  if FLAGS.seeds:
+    try:
+      seeds = sample_lib.parse_seeds(FLAGS.seeds)
+    except ValueError as e:
+      raise EvaluationError(str(e)) from None
+  try:
+    captions, how = pairing.caption_pairs(inputs.captions, inputs.captions_path, source, seeds,
+                                          num is not None)
+  except SourceError as e:
+    raise EvaluationError(str(e)) from None
+  inputs.pairing = how
+  return captions
 
 
 def clip_result(inputs: ClipInputs, source: ImageSource, captions: list[str],
@@ -358,7 +372,8 @@ def clip_result(inputs: ClipInputs, source: ImageSource, captions: list[str],
   protocol = inputs.protocol.derive(num_samples=len(per_image))
   return {"metric": "clip", "clip_score": float(np.mean(per_image, dtype=np.float64)),
           **protocol.fields(), "clip_model": inputs.model_info,
-          "captions_path": inputs.captions_path, "clip_notes": inputs.notes,
+          "captions_path": inputs.captions_path, "caption_pairing": inputs.pairing,
+          "clip_notes": inputs.notes,
           "input_notes": source.notes}
 
 
@@ -416,11 +431,31 @@ def _check_ref(ref: metrics_lib.RefStats, protocol: protocols.Protocol,
     raise EvaluationError(str(e)) from None
 
 
-def _load_detector(path: str | None, mesh, batch: int) -> tuple[features_lib.InceptionFeatures,
-                                                                dict]:
+def _load_detector(path: str | None, mesh, batch: int,
+                   front_end: str) -> tuple[features_lib.InceptionFeatures, dict]:
   variables = features_lib.load_inception_variables(path)
-  detector = features_lib.InceptionFeatures(variables, mesh, batch_size=batch)
-  return detector, {"path": os.path.abspath(path), "sha256": detector.weights_hash}
+  detector = features_lib.InceptionFeatures(variables, mesh, batch_size=batch,
+                                            front_end=front_end)
+  return detector, {"path": os.path.abspath(path), "sha256": detector.weights_hash,
+                    "front_end": front_end}
+
+
+def _front_end(metrics: list[str], fid_protocol: protocols.Protocol) -> str:
+  """The one front-end of this run's Inception metrics (one feature stream serves them all)."""
+  wanted = {m: (fid_protocol if m == "fid" else protocols.get(protocols.DEFAULT_FOR_METRIC[m]))
+            for m in metrics if m in INCEPTION_METRICS}
+  ends = {p.front_end for p in wanted.values()}
+  if len(ends) > 1:
+    names = ", ".join(f"{m}: {p.name} ({p.front_end})" for m, p in wanted.items())
+    raise EvaluationError(f"--metrics {','.join(wanted)} need different Inception front-ends "
+                          f"({names}); evaluate them in separate runs.")
+  return ends.pop() if ends else fid_protocol.front_end
+
+
+def _image_folder(directory: str, num: int | None, front_end: str) -> ImageSource:
+  """--images: one size and mode, or any sizes (converted to RGB) for the host-resizing
+  front-end of coco2014-fid30k-clean."""
+  return folder_source(directory, num, mixed_sizes=front_end == "gigagan-clean-fid")
 
 
 def _default_mesh():
@@ -448,7 +483,7 @@ def evaluate_command() -> dict[str, Any]:
   if "gmm" in metrics and kind != "checkpoint":
     raise EvaluationError("--metrics gmm needs --checkpoint (a run with the GMM teacher).")
   inception_metrics = [m for m in metrics if m in INCEPTION_METRICS]
-  clip_flags = [f"--{name}" for name in ("clip_model", "clip_tokenizer", "captions")
+  clip_flags = [f"--{name}" for name in ("clip_model", "clip_tokenizer", "captions", "seeds")
                 if FLAGS[name].value]
   if clip_flags and "clip" not in metrics:
     raise EvaluationError(f"{', '.join(clip_flags)} only serve --metrics clip; add clip to "
@@ -457,6 +492,7 @@ def evaluate_command() -> dict[str, Any]:
 
   # Protocols, reference and settings: everything is checked before any image is touched.
   fid_protocol = _fid_protocol(FLAGS.fid_protocol)
+  front_end = _front_end(metrics, fid_protocol)
   ref = None
   needs_ref = [m for m in metrics if m in ("fid", "pr", "kid")]
   if needs_ref:
@@ -496,7 +532,7 @@ def evaluate_command() -> dict[str, Any]:
           protocols.DEFAULT_FOR_METRIC[inception_metrics[0]]).num_samples
       source = checkpoint_source(gen, num, FLAGS.seed)
     elif kind == "images":
-      source = folder_source(FLAGS.images, FLAGS.num)
+      source = _image_folder(FLAGS.images, FLAGS.num, front_end)
     else:
       source = npz_source(FLAGS.npz, FLAGS.num)
     if "is" in metrics and source.num < FLAGS.is_splits:
@@ -508,7 +544,7 @@ def evaluate_command() -> dict[str, Any]:
 
   detector, weights = None, None
   if inception_metrics:
-    detector, weights = _load_detector(FLAGS.inception, mesh, FLAGS.batch)
+    detector, weights = _load_detector(FLAGS.inception, mesh, FLAGS.batch, front_end)
     if ref is not None:
       _check_ref(ref, fid_protocol, detector.weights_hash)
 
@@ -525,7 +561,7 @@ def evaluate_command() -> dict[str, Any]:
         p = fid_protocol.derive(num_samples=n)
         value = metrics_lib.fid_from_moments(stream.moments.mean(),
                                              stream.moments.cov(p.param("cov_ddof")), ref.mu,
-                                             ref.sigma)
+                                             ref.sigma, sqrtm_rule=p.param("sqrtm"))
         results.append({"metric": "fid", "fid": value, **p.fields(), **ref.describe(), **common})
       elif metric == "is":
         p = protocols.get(protocols.DEFAULT_FOR_METRIC["is"]).derive(num_samples=n,
@@ -572,7 +608,7 @@ def make_ref_command() -> dict[str, Any]:
     raise EvaluationError(f"--out must end in .npz, got {FLAGS.out!r}.")
   protocol = _fid_protocol(FLAGS.fid_protocol)
   if kind == "images":
-    source = folder_source(FLAGS.images, FLAGS.num)
+    source = _image_folder(FLAGS.images, FLAGS.num, protocol.front_end)
   elif kind == "npz":
     source = npz_source(FLAGS.npz, FLAGS.num)
   else:
@@ -581,7 +617,7 @@ def make_ref_command() -> dict[str, Any]:
     raise EvaluationError(f"Reference statistics need at least 2 images, got {source.num}.")
   mesh = _default_mesh()
   _check_batch(FLAGS.batch, mesh)
-  detector, weights = _load_detector(FLAGS.inception, mesh, FLAGS.batch)
+  detector, weights = _load_detector(FLAGS.inception, mesh, FLAGS.batch, protocol.front_end)
   keep = ("pool",) if FLAGS.save_features else ()
   stream = detector.stream(_batches_with_progress(source), keep=keep, log_every=50)
   description = json.dumps(source.describe(), sort_keys=True, default=str)
@@ -636,7 +672,8 @@ def markdown(record: dict[str, Any]) -> str:
     if "clip_model" in p:
       lines.append(f"  CLIP model {p['clip_model']['path']} (tokenizer "
                    f"{p['clip_model']['tokenizer']}); captions {p['captions_path']}"
-                   + "".join(f"; {note}" for note in p["clip_notes"]) + ".")
+                   + "".join(f"; {note}" for note in [p["caption_pairing"]] + p["clip_notes"])
+                   + ".")
   notes = record["source"].get("notes")
   if notes:
     lines.append(f"- input: {'; '.join(notes)}.")

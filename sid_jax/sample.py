@@ -29,8 +29,10 @@ Text-to-image generators (class_name 'StableDiffusion': a SiD-LSG run's export, 
   and pass `--latents FILE.npy`, shape [N, 4, h, w] (NCHW, as saved from torch) or [N, h, w, 4],
   one per listed seed in order.
 * Images: uint8(clip(x * 127.5 + 128, 0, 255)) (truncation), decoded by the VAE (512 x 512 for
-  SD 1.5 / 2.1-base). `--npz` writes OUT/images.npz (`arr_0` uint8 NHWC, `seeds`, `prompts`),
-  streamed batch by batch. OUT/generation.json records the settings.
+  SD 1.5 / 2.1-base). `--npz` writes OUT/images.npz (`arr_0` uint8 NHWC, `seeds`, `prompts`,
+  `prompt_lines`), streamed batch by batch. OUT/generation.json records the settings and, under
+  "images", each file's seed, prompt line and prompt (`t2i_image_entries`), which
+  `sid_jax.evaluate --metrics clip` pairs with the captions.
 * Every batch has the same size (the last one is padded), so one compiled program serves the run,
   and each image is a function of its seed, prompt and latent only, not of `--batch`.
 """
@@ -108,6 +110,14 @@ def assign_prompts(seeds: Sequence[int], prompt_lines: Sequence[str], path: str,
     twice = sorted({s for s in seeds if seeds.count(s) > 1})
     raise ValueError(f"--seeds lists {twice} more than once (each seed writes <seed>.png).")
   return [prompt_lines[s] for s in seeds], list(seeds)
+
+
+def t2i_image_entries(seeds: Sequence[int], names: Sequence[int],
+                      prompts: Sequence[str]) -> list[dict[str, Any]]:
+  """generation.json's "images": per image, its file, seed, prompt line (= file number under
+  both seeding rules) and prompt."""
+  return [{"file": f"{name:06d}.png", "seed": int(seed), "prompt_line": int(name),
+           "prompt": prompt} for seed, name, prompt in zip(seeds, names, prompts)]
 
 
 def read_latents(path: str, num: int, latent_shape: tuple[int, int, int]) -> np.ndarray:
@@ -279,6 +289,7 @@ def run_text_to_image(directory: str, *, outdir: str, seeds: str, prompts: str |
       "png": png, "npz": npz, "jax_version": jax.__version__,
       # The latents of jax.random.normal depend on this setting (True by default in new JAX).
       "jax_threefry_partitionable": bool(jax.config.jax_threefry_partitionable),
+      "images": t2i_image_entries(seed_list, names, prompt_list),
   }
   _write_record(outdir, record)
 
@@ -299,7 +310,8 @@ def run_text_to_image(directory: str, *, outdir: str, seeds: str, prompts: str |
       count += len(u8)
       report.update(count)
     if stream is not None:
-      stream.close(seeds=np.asarray(seed_list, np.int64), prompts=np.asarray(prompt_list, str))
+      stream.close(seeds=np.asarray(seed_list, np.int64), prompts=np.asarray(prompt_list, str),
+                   prompt_lines=np.asarray(names, np.int64))
       stream = None
   finally:
     if stream is not None:

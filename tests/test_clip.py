@@ -489,7 +489,8 @@ def test_read_captions_and_natural_order(tmp_path):
 def test_evaluate_cli_clip_score(capsys, clip_flax, clip_cli_files, preprocess, registered):
   files = clip_cli_files
   result, table = _clip_cli(capsys, f"--images={files['pngs']}", f"--clip_model={files['model']}",
-                            f"--captions={files['captions']}", f"--clip_protocol={preprocess}")
+                            f"--captions={files['captions']}", f"--clip_protocol={preprocess}",
+                            "--seeds=0-2")
   scorer = clip_score.CLIPScorer(*clip_flax, clip_score.load_tokenizer(files["model"]),
                                  protocol=preprocess, batch_size=8)
   images = files["images"][:3]  # img1, img2, img10: the natural order
@@ -519,9 +520,9 @@ def test_evaluate_cli_clip_score(capsys, clip_flax, clip_cli_files, preprocess, 
 def test_evaluate_cli_clip_num_limits_images_and_captions(capsys, clip_flax, clip_cli_files):
   files = clip_cli_files
   args = [f"--npz={files['npz']}", f"--clip_model={files['model']}",
-          f"--clip_tokenizer={files['model']}", f"--captions={files['captions']}"]
+          f"--clip_tokenizer={files['model']}", f"--captions={files['captions']}", "--seeds=0-3"]
   with pytest.raises(evaluate.EvaluationError,
-                     match=r"--captions .* holds 3 captions, but --npz .* holds 4 images"):
+                     match=r"seed 3\) belongs to caption line 3, but --captions .* holds 3"):
     evaluate.run(["sid_jax.evaluate", "--metrics=clip", "--batch=8", *args])
   result, _ = _clip_cli(capsys, *args, "--num=2")  # the default protocol: sid-lsg
   scorer = clip_score.CLIPScorer(*clip_flax, clip_score.load_tokenizer(files["model"]),
@@ -555,8 +556,8 @@ def test_evaluate_cli_clip_num_limits_images_and_captions(capsys, clip_flax, cli
      "--captions .* holds no captions"),
     (["--images={pngs}", "--clip_model={model}", "--captions={captions}",
       "--clip_protocol=clipscore"], "--clip_protocol='clipscore': expected sid-lsg"),
-    (["--npz={npz}", "--clip_model={model}", "--captions={captions}", "--num=4"],
-     "--num=4, but --captions .* holds 3 captions"),
+    (["--npz={npz}", "--clip_model={model}", "--captions={captions}", "--num=4", "--seeds=0-3"],
+     "belongs to caption line 3, but --captions .* holds 3 captions"),
     (["--npz={npz}", "--clip_model={model}", "--captions={captions}", "--num=5"],
      "--num=5, but .* holds 4 images"),
 ])
@@ -592,7 +593,7 @@ def test_evaluate_cli_clip_with_an_inception_metric(tmp_path, capsys, clip_flax,
   record = evaluate.run(["sid_jax.evaluate", f"--images={files['pngs']}", "--metrics=is,clip",
                          "--is_splits=1", f"--inception={inception}", "--batch=8",
                          f"--clip_model={files['model']}", f"--captions={files['captions']}",
-                         "--clip_protocol=plain"])
+                         "--clip_protocol=plain", "--seeds=0-2"])
   table = capsys.readouterr().out
   is_result, clip_result = record["results"]
   assert is_result["metric"] == "is" and is_result["protocol"] == "is50k[n=3,splits=1]"

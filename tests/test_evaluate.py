@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sid_jax import evaluate, sharding, train
+from sid_jax import evaluate, sample, sharding, train
 from sid_jax import run as run_lib
 from sid_jax.evaluation import features, metrics, protocols
 from tests import configs_util
@@ -45,8 +45,8 @@ def detector(inception_file):
 def fid_calls(monkeypatch):
   calls = []
 
-  def record(mu, sigma, ref_mu, ref_sigma):
-    calls.append((mu, sigma, ref_mu, ref_sigma))
+  def record(mu, sigma, ref_mu, ref_sigma, *, sqrtm_rule):
+    calls.append((mu, sigma, ref_mu, ref_sigma, sqrtm_rule))
     return FID_SENTINEL
 
   monkeypatch.setattr(metrics, "fid_from_moments", record)
@@ -106,7 +106,8 @@ def test_make_ref_and_evaluate_an_npz(tmp_path, capsys, inception_file, detector
   for metric, name in expected_names.items():
     r = by_metric[metric]
     assert r["protocol"] == name and not r["standard_protocol"] and r["num_samples"] == 12
-    assert r["detector"] and r["resize"] == protocols.RESIZE_BILINEAR_299 and r["reference"]
+    assert r["detector"] and r["resize"] == protocols.RESIZE_TF1_BILINEAR_299 and r["reference"]
+    assert r["front_end"] == "tf1-bilinear"
     assert f"| {metric} |" in table and name in table
     for key in ("fid", "is_mean", "is_std", "precision", "recall", "kid"):
       if key in r:
@@ -119,7 +120,8 @@ def test_make_ref_and_evaluate_an_npz(tmp_path, capsys, inception_file, detector
   # Every number against an independent computation from the detector's features.
   fake_feats = detector(fake)
   assert by_metric["fid"]["fid"] == FID_SENTINEL
-  (mu, sigma, ref_mu, ref_sigma), = fid_calls
+  (mu, sigma, ref_mu, ref_sigma, rule), = fid_calls
+  assert rule == "real"  # EDM's rule: the protocol's sqrtm parameter
   _assert_close(mu, fake_feats["pool"].mean(0))
   _assert_close(sigma, np.cov(fake_feats["pool"], rowvar=False), rtol=1e-4)
   np.testing.assert_array_equal(ref_mu, ref.mu)
@@ -132,6 +134,13 @@ def test_make_ref_and_evaluate_an_npz(tmp_path, capsys, inception_file, detector
                                                                          pr["recall"])
   kid = metrics.kid(ref.features, fake_feats["pool"], 100, 12, 0)
   assert by_metric["kid"]["kid"] == pytest.approx(kid, rel=1e-6)
+  assert by_metric["fid"]["params"] == {"cov_ddof": 1, "sqrtm": "real"}
+  assert "sqrtm=real" in table and record["detector_weights"]["front_end"] == "tf1-bilinear"
+
+  # Statistics made with EDM's front-end do not serve pytorch-fid's protocol.
+  with pytest.raises(evaluate.EvaluationError, match="protocol 'pytorch-fid50k' uses"):
+    evaluate.run(["e", f"--npz={tmp_path / 'fake.npz'}", f"--inception={inception_file}",
+                  f"--ref={stats}", "--fid_protocol=pytorch-fid50k", "--batch=8"])
 
 
 def test_make_ref_from_png_folder_and_tfds(tmp_path, capsys, inception_file, detector,
@@ -158,7 +167,8 @@ def test_make_ref_from_png_folder_and_tfds(tmp_path, capsys, inception_file, det
   (result,) = record["results"]
   assert result["protocol"] == "edm-fid50k[n=9]" and result["fid"] == FID_SENTINEL
   assert "repeated to 3 channels" in table
-  (mu, sigma, ref_mu, ref_sigma), = fid_calls
+  (mu, sigma, ref_mu, ref_sigma, rule), = fid_calls
+  assert rule == "real"  # EDM's rule: the protocol's sqrtm parameter
   _assert_close(mu, ref_mu, rtol=1e-9)
   _assert_close(sigma, ref_sigma, rtol=1e-9)
 
@@ -225,6 +235,7 @@ def test_evaluate_a_distilled_checkpoint(tmp_path, capsys, inception_file, fid_c
   fid, is_, gmm = record["results"]
   assert fid["protocol"] == "edm-fid50k[n=10]" and fid["ref_format"] == "edm"
   assert fid["ref_protocol"] is None and fid["fid"] == FID_SENTINEL and len(fid_calls) == 1
+  assert fid_calls[0][4] == "real"
   assert np.isfinite(fid_calls[0][0]).all() and np.isfinite(fid_calls[0][1]).all()
   assert is_["protocol"] == "is50k[n=10,splits=2]" and np.isfinite(is_["is_mean"])
   assert is_["is_mean"] >= 1.0
@@ -295,8 +306,8 @@ _WEIGHTS = "@weights"
     (["--metrics=is"], evaluate.EvaluationError, "exactly one of"),
     (["--npz=@/ok.npz", "--metrics=fid,lpips"], evaluate.EvaluationError, "--metrics=fid,lpips"),
     (["--npz=@/ok.npz", "--metrics=gmm"], evaluate.EvaluationError, "needs --checkpoint"),
-    (["--npz=@/ok.npz", "--fid_protocol=coco2014-fid30k-clean"], evaluate.EvaluationError,
-     "registered for naming only"),
+    (["--npz=@/ok.npz", "--fid_protocol=coco2014-fid30k-clean", "--metrics=fid,is"],
+     evaluate.EvaluationError, "need different Inception front-ends"),
     (["--npz=@/ok.npz", "--fid_protocol=is50k"], evaluate.EvaluationError, "not an FID one"),
     (["--npz=@/ok.npz", "--metrics=is", "--is_splits=2", "--batch=12", _WEIGHTS],
      evaluate.EvaluationError, "multiple of the 8 devices"),
@@ -388,3 +399,134 @@ def test_eval_every_kimg_sets_the_cadence():
   assert run_lib.eval_every_steps(config) == 4
   config.eval.every_kimg = 0.0
   assert run_lib.eval_every_steps(config) == config.eval.every_steps
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP score: which caption each image meets (the model is replaced by a recorder).
+# ---------------------------------------------------------------------------------------------
+
+SEEDS = list(range(1000, 2000))
+
+
+def _seed_image(seed):
+  """An 8x8 image whose first pixel spells its seed."""
+  image = np.full((8, 8, 3), 7, np.uint8)
+  image[0, 0, :2] = divmod(seed, 256)
+  return image
+
+
+@pytest.fixture(scope="module")
+def t2i_samples(tmp_path_factory):
+  """Images of seeds 1000-1999 as a folder of <seed:06d>.png (as the official generator and
+  `sid_jax.sample` name them), 2000 caption lines, and a CLIP model folder without weights."""
+  import transformers  # pylint: disable=import-outside-toplevel
+  from tests import tiny_tokenizer  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("t2i")
+  folder = root / "samples"
+  folder.mkdir()
+  for seed in SEEDS:
+    Image.fromarray(_seed_image(seed)).save(folder / f"{seed:06d}.png")
+  captions = [f"caption of line {i}" for i in range(2000)]
+  (root / "captions.txt").write_text("\n".join(captions) + "\n", encoding="utf-8")
+  model = root / "clip"
+  transformers.CLIPConfig(
+      text_config=dict(vocab_size=514, hidden_size=32, intermediate_size=37,
+                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77),
+      vision_config=dict(image_size=30, patch_size=6, hidden_size=32, intermediate_size=37,
+                         num_hidden_layers=2, num_attention_heads=4),
+      projection_dim=16).save_pretrained(model)
+  (model / "model.safetensors").write_bytes(b"")  # only its presence is checked here
+  tiny_tokenizer.write_tiny_clip_tokenizer(model)
+  return {"root": root, "folder": folder, "captions": captions,
+          "captions_path": str(root / "captions.txt"), "model": str(model)}
+
+
+@pytest.fixture
+def clip_pairs(monkeypatch):
+  """(seed spelled by the image, caption) of every image the CLIP score sees."""
+  pairs = []
+
+  class Recorder:
+
+    def score(self, images, captions):
+      images = np.asarray(images)
+      assert len(images) == len(captions)
+      pairs.extend((int(im[0, 0, 0]) * 256 + int(im[0, 0, 1]), c)
+                   for im, c in zip(images, captions))
+      return {"per_image": np.zeros(len(images))}
+
+  monkeypatch.setattr(evaluate.clip_score, "load_scorer", lambda *a, **k: Recorder())
+  return pairs
+
+
+def _clip_run(samples, *args, captions=None):
+  return evaluate.run(["sid_jax.evaluate", "--metrics=clip", "--batch=8",
+                       f"--clip_model={samples['model']}",
+                       f"--captions={captions or samples['captions_path']}", *args])
+
+
+def _line_of(caption):
+  return int(caption.rsplit(" ", 1)[1])
+
+
+def test_clip_pairs_seed_s_with_caption_line_s(tmp_path, capsys, t2i_samples, clip_pairs):
+  folder = t2i_samples["folder"]
+  # The images record no prompts: pairing by position (lines 0-999) is refused.
+  with pytest.raises(evaluate.EvaluationError,
+                     match="does not record its prompts, so pass --seeds"):
+    _clip_run(t2i_samples, f"--images={folder}", "--num=1000")
+  assert not clip_pairs
+  record = _clip_run(t2i_samples, f"--images={folder}", "--num=1000", "--seeds=1000-1999")
+  assert len(clip_pairs) == 1000
+  assert all(_line_of(caption) == seed for seed, caption in clip_pairs)
+  assert [seed for seed, _ in clip_pairs] == SEEDS
+  (result,) = record["results"]
+  assert "seeds 1000..1999" in result["caption_pairing"]
+  assert "seeds 1000..1999" in capsys.readouterr().out
+  with pytest.raises(evaluate.EvaluationError, match="--seeds lists 999 seeds, but --images"):
+    _clip_run(t2i_samples, f"--images={folder}", "--seeds=1000-1998")
+  short = tmp_path / "short.txt"
+  short.write_text("\n".join(t2i_samples["captions"][:1500]) + "\n", encoding="utf-8")
+  with pytest.raises(evaluate.EvaluationError,
+                     match="belongs to caption line 1500, but --captions .* holds 1500"):
+    _clip_run(t2i_samples, f"--images={folder}", "--seeds=1000-1999", captions=str(short))
+  with pytest.raises(evaluate.EvaluationError, match="Bad --seeds entry 'x'"):
+    _clip_run(t2i_samples, f"--images={folder}", "--seeds=x")
+
+
+def test_clip_uses_the_prompts_sample_records(tmp_path, t2i_samples, clip_pairs):
+  folder = tmp_path / "samples"
+  folder.mkdir()
+  captions = t2i_samples["captions"]
+  for seed in SEEDS[:16]:
+    Image.fromarray(_seed_image(seed)).save(folder / f"{seed:06d}.png")
+  entries = sample.t2i_image_entries(SEEDS[:16], SEEDS[:16], [captions[s] for s in SEEDS[:16]])
+  (folder / sample.GENERATION_RECORD).write_text(json.dumps(
+      {"kind": "text-to-image", "images": entries}), encoding="utf-8")
+  record = _clip_run(t2i_samples, f"--images={folder}", "--num=16")
+  assert [seed for seed, _ in clip_pairs] == SEEDS[:16]
+  assert all(_line_of(caption) == seed for seed, caption in clip_pairs)
+  assert sample.GENERATION_RECORD in record["results"][0]["caption_pairing"]
+  # --captions whose line differs from the recorded prompt, or --seeds that disagree: refused.
+  changed = list(captions)
+  changed[1005] = "another caption"
+  other = tmp_path / "other.txt"
+  other.write_text("\n".join(changed) + "\n", encoding="utf-8")
+  with pytest.raises(evaluate.EvaluationError, match=r"001005\.png was generated from prompt "
+                     r"'caption of line 1005' \(line 1005.*line 1005 is 'another caption'"):
+    _clip_run(t2i_samples, f"--images={folder}", captions=str(other))
+  with pytest.raises(evaluate.EvaluationError,
+                     match=r"--seeds gives 001000\.png seed 0, but .* records seed 1000"):
+    _clip_run(t2i_samples, f"--images={folder}", "--seeds=0-15")
+  Image.fromarray(_seed_image(5)).save(folder / "stray.png")
+  with pytest.raises(evaluate.EvaluationError, match="stray.png is not listed in"):
+    _clip_run(t2i_samples, f"--images={folder}")
+
+  # An .npz of `sample --npz --custom_seed`: random seeds, prompt lines 0..N-1.
+  del clip_pairs[:]
+  seeds = [77, 5, 1234]
+  npz = tmp_path / "images.npz"
+  np.savez(npz, arr_0=np.stack([_seed_image(s) for s in seeds]), seeds=np.asarray(seeds),
+           prompts=np.asarray(captions[:3]), prompt_lines=np.arange(3))
+  _clip_run(t2i_samples, f"--npz={npz}")
+  assert clip_pairs == [(s, captions[i]) for i, s in enumerate(seeds)]

@@ -377,10 +377,15 @@ def test_feature_moments_and_frechet_distance_match_pytorch_fid():
     np.testing.assert_allclose(mu, z[f"out64/mu{i}"], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(sigma, z[f"out64/sigma{i}"], rtol=1e-12, atol=1e-12)
     moments += [mu, sigma]
-  fid = frechet.frechet_distance(*moments)
+  fid = frechet.frechet_distance(*moments, sqrtm_rule="pytorch-fid")
   np.testing.assert_allclose(fid, float(z["out64/fid"]), rtol=1e-6)
+  # These covariances have a clean square root: every rule gives pytorch-fid's value.
+  for rule in frechet.SQRTM_RULES:
+    np.testing.assert_allclose(frechet.frechet_distance(*moments, sqrtm_rule=rule), fid,
+                               rtol=1e-12)
   # pytorch-fid's own float32 means give its own float32-path value.
-  fid32 = frechet.frechet_distance(z["out/mu1"], z["out/sigma1"], z["out/mu2"], z["out/sigma2"])
+  fid32 = frechet.frechet_distance(z["out/mu1"], z["out/sigma1"], z["out/mu2"], z["out/sigma2"],
+                                   sqrtm_rule="pytorch-fid")
   np.testing.assert_allclose(fid32, float(z["out/fid"]), rtol=1e-6)
   # Symmetric, and zero between identical Gaussians.
   np.testing.assert_allclose(frechet.frechet_distance(*moments[2:], *moments[:2]), fid,

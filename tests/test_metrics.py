@@ -228,7 +228,7 @@ def test_ref_stats_edm_style_and_own_format(tmp_path):
   ref = metrics.load_ref_stats(str(own))
   assert ref.kind == "sid_jax" and ref.num == 20 and ref.protocol == "edm-fid50k"
   assert ref.detector == protocols.PYTORCH_FID_POOL3
-  assert ref.resize == protocols.RESIZE_BILINEAR_299
+  assert ref.resize == protocols.RESIZE_TF1_BILINEAR_299
   assert ref.detector_hash == "ab" * 32 and json.loads(ref.source) == {"kind": "npz"}
   np.testing.assert_array_equal(ref.mu, mu)
   np.testing.assert_array_equal(ref.sigma, sigma)
@@ -264,8 +264,8 @@ def test_ref_stats_errors(tmp_path):
 
 
 def test_protocol_registry_names_and_fields():
-  for name in ("edm-fid50k", "sid-fid50k-full", "is50k", "pr50k3", "kid50k", "gmm-frechet",
-               "digits-classifier-fd", "coco2014-fid30k-clean"):
+  for name in ("edm-fid50k", "sid-fid50k-full", "pytorch-fid50k", "is50k", "pr50k3", "kid50k",
+               "gmm-frechet", "digits-classifier-fd", "coco2014-fid30k-clean"):
     p = protocols.get(name)
     fields = p.fields()
     assert fields["protocol"] == name and fields["standard_protocol"]
@@ -276,7 +276,13 @@ def test_protocol_registry_names_and_fields():
   assert protocols.get("sid-fid50k-full").param("cov_ddof") == 0
   assert protocols.get("is50k").param("splits") == 10
   assert protocols.get("pr50k3").param("k") == 3
-  assert not protocols.get("coco2014-fid30k-clean").implemented
+  # Every registered FID protocol is computed, with its front-end and square-root rule named.
+  for name in protocols.names():
+    p = protocols.get(name)
+    if p.metric == "fid":
+      assert p.implemented and p.param("sqrtm") in ("real", "pytorch-fid", "clean-fid"), name
+      assert protocols.FRONT_END_RESIZE[p.front_end] == p.resize, name
+      assert p.fields()["front_end"] == p.front_end and p.comparable_with, name
   assert set(protocols.DEFAULT_FOR_METRIC) == {"fid", "is", "pr", "kid", "gmm"}
   with pytest.raises(ValueError, match="registered: .*edm-fid50k"):
     protocols.get("fid50k")
@@ -298,7 +304,7 @@ def test_derived_protocols_carry_their_changes_in_the_name():
   assert kid.name == "kid50k[subset_size=12]"
   with pytest.raises(ValueError, match="no parameters"):
     fid.derive(splits=2)
-  assert protocols.same_features(protocols.PYTORCH_FID_POOL3, protocols.RESIZE_BILINEAR_299,
+  assert protocols.same_features(protocols.PYTORCH_FID_POOL3, protocols.RESIZE_TF1_BILINEAR_299,
                                  None, None)
   assert not protocols.same_features("clean-fid", None, protocols.PYTORCH_FID_POOL3, None)
 

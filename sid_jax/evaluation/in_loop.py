@@ -110,7 +110,8 @@ class InLoopFID:
       raise ValueError(f"config.eval.ref={ref_path!r} holds {self.ref.mu.shape[0]}-d "
                        "statistics; the Inception pool features are 2048-d.")
     variables = features_lib.load_inception_variables(inception_path)
-    self.detector = features_lib.InceptionFeatures(variables, mesh, batch_size=batch)
+    self.detector = features_lib.InceptionFeatures(variables, mesh, batch_size=batch,
+                                                   front_end=self.protocol.front_end)
     metrics_lib.check_ref_fits(self.ref, self.protocol, self.detector.weights_hash)
 
   def __call__(self, x: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:
@@ -124,7 +125,8 @@ class InLoopFID:
       u8 = np.repeat(u8, 3, axis=-1)
     pool = self.detector(u8)["pool"]
     mu, sigma = metrics_lib.feature_moments(pool, ddof=self.protocol.param("cov_ddof"))
-    return {"fid": metrics_lib.fid_from_moments(mu, sigma, self.ref.mu, self.ref.sigma),
+    return {"fid": metrics_lib.protocol_fid(mu, sigma, self.ref.mu, self.ref.sigma,
+                                            self.protocol),
             "num_images": float(len(pool))}
 
 

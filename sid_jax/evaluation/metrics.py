@@ -39,19 +39,29 @@ def feature_moments(features: np.ndarray, ddof: int = 1) -> tuple[np.ndarray, np
   return features.mean(axis=0), np.cov(features, rowvar=False, ddof=ddof)
 
 
-def fid_from_moments(mu, sigma, ref_mu, ref_sigma) -> float:
-  """FID between two Gaussians (`sid_jax.evaluation.frechet.frechet_distance`)."""
-  return frechet.frechet_distance(mu, sigma, ref_mu, ref_sigma)
+def fid_from_moments(mu, sigma, ref_mu, ref_sigma, *, sqrtm_rule: str = "real") -> float:
+  """FID between two Gaussians (`sid_jax.evaluation.frechet.frechet_distance`); `sqrtm_rule` is
+  the protocol's `sqrtm` parameter: 'real' (EDM / StyleGAN3 / SiD), 'pytorch-fid' or
+  'clean-fid'."""
+  return frechet.frechet_distance(mu, sigma, ref_mu, ref_sigma, sqrtm_rule=sqrtm_rule)
 
 
-def fid_from_features(features: np.ndarray, ref_mu, ref_sigma, *, ddof: int = 1) -> float:
+def protocol_fid(mu, sigma, ref_mu, ref_sigma, protocol: protocols_lib.Protocol) -> float:
+  """FID under `protocol`'s square-root rule (the moments must already use its `cov_ddof`)."""
+  if protocol.metric != "fid":
+    raise ValueError(f"Protocol {protocol.name!r} is a {protocol.metric!r} protocol, not FID.")
+  return fid_from_moments(mu, sigma, ref_mu, ref_sigma, sqrtm_rule=protocol.param("sqrtm"))
+
+
+def fid_from_features(features: np.ndarray, ref_mu, ref_sigma, *, ddof: int = 1,
+                      sqrtm_rule: str = "real") -> float:
   """FID of [N, D] features against reference moments (`ddof`: the protocol's `cov_ddof`)."""
   mu, sigma = feature_moments(features, ddof)
   ref_mu, ref_sigma = np.asarray(ref_mu, np.float64), np.asarray(ref_sigma, np.float64)
   if ref_mu.shape != mu.shape or ref_sigma.shape != sigma.shape:
     raise ValueError(f"Reference statistics have mu {ref_mu.shape} / sigma {ref_sigma.shape}, "
                      f"but the features are {features.shape[1]}-d.")
-  return fid_from_moments(mu, sigma, ref_mu, ref_sigma)
+  return fid_from_moments(mu, sigma, ref_mu, ref_sigma, sqrtm_rule=sqrtm_rule)
 
 
 # ---------------------------------------------------------------------------------------------

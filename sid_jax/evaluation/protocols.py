@@ -10,14 +10,19 @@ from different protocols are never compared by accident.
 Registered protocols (`protocols.table()` prints them all as a Markdown table):
   edm-fid50k             FID as EDM's `fid.py` computes it (generated covariance / (N-1)).
   sid-fid50k-full        FID as SiD's StyleGAN3-style metric code computes it (covariance / N).
+  pytorch-fid50k         FID as pytorch-fid computes it (its resize, its sqrtm rule).
   is50k                  Inception Score, 10 splits, softmax of the bias-free logits.
   pr50k3                 Improved precision / recall (k = 3) on Inception pool features.
   kid50k                 Kernel Inception Distance, 100 subsets of 1000, cubic polynomial kernel.
   gmm-frechet            Fréchet distance to a Gaussian-mixture teacher's exact pixel moments.
   digits-classifier-fd   Fréchet distance in the digits demo classifier's feature space.
-  coco2014-fid30k-clean  Text-to-image FID (clean-fid, COCO-2014 val): a name only, not computed.
+  coco2014-fid30k-clean  Text-to-image FID as SiD-LSG reports it (GigaGAN + clean-fid, COCO-2014).
   coco2014-clip30k-vitg14  CLIP score as SiD-LSG reports it (GigaGAN's evaluator, ViT-g-14).
   clip-plain             The in-repo CLIP score during training (bicubic to the CLIP input size).
+
+Every Inception protocol names its `front_end` (how uint8 images reach the network:
+`sid_jax.nets.inception.FRONT_ENDS`) and every FID protocol its `sqrtm` rule
+(`sid_jax.evaluation.frechet.SQRTM_RULES`).
 """
 
 from __future__ import annotations
@@ -25,13 +30,25 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-# The detector sid_jax runs (sid_jax.nets.inception.FIDInceptionV3 with pytorch-fid's weights).
+# The detector sid_jax runs (sid_jax.nets.inception.FIDInceptionV3 with pytorch-fid's weights,
+# the same TF 2015-12-05 graph weights as NVIDIA's TorchScript inception-2015-12-05.pt).
 PYTORCH_FID_POOL3 = ("pytorch-fid Inception-v3 (pt_inception-2015-12-05-6726825d.pth, TF "
                      "2015-12-05 graph), pool3 features, 2048-d")
 PYTORCH_FID_LOGITS = ("pytorch-fid Inception-v3 (pt_inception-2015-12-05-6726825d.pth, TF "
                       "2015-12-05 graph), softmax of the 1008 logits without the fc bias")
+# The front-ends (`sid_jax.nets.inception.FRONT_ENDS`), in words.
+RESIZE_TF1_BILINEAR_299 = ("uint8 RGB -> float [0, 255] -> TF1 legacy bilinear to 299x299 "
+                           "(align_corners=False, half_pixel_centers=False, no antialias) -> "
+                           "(x - 128) / 128, as NVIDIA's TorchScript inception-2015-12-05.pt")
 RESIZE_BILINEAR_299 = ("uint8 RGB / 255 -> bilinear to 299x299 (torch F.interpolate, "
                        "align_corners=False, no antialias) -> [-1, 1]")
+RESIZE_GIGAGAN_CLEAN_299 = (
+    "any size, converted to RGB -> centre crop of the long edge, PIL LANCZOS to 256x256 (uint8; "
+    "GigaGAN's custom transform) -> clean-fid 'clean': each channel as a float32 PIL 'F' image, "
+    "BICUBIC (antialiased) to 299x299, clipped to [0, 255] -> (x - 128) / 128")
+FRONT_END_RESIZE = {"tf1-bilinear": RESIZE_TF1_BILINEAR_299,
+                    "pytorch-fid": RESIZE_BILINEAR_299,
+                    "gigagan-clean-fid": RESIZE_GIGAGAN_CLEAN_299}
 
 # The detectors `sid_jax.evaluation.features.InceptionFeatures` implements.
 IMPLEMENTED_DETECTORS = (PYTORCH_FID_POOL3, PYTORCH_FID_LOGITS)
@@ -52,6 +69,9 @@ class Protocol:
     params: the metric's settings, as sorted (name, value) pairs.
     implemented: False for protocols registered only so their numbers are named.
     base: for a derived protocol, the registered one it was derived from.
+    front_end: Inception protocols: how uint8 images reach the network, one of
+      `sid_jax.nets.inception.FRONT_ENDS` (described in words by `resize`); None otherwise.
+    comparable_with: the published numbers this protocol reproduces, and what it does not.
   """
   name: str
   detector: str
@@ -63,6 +83,8 @@ class Protocol:
   params: tuple[tuple[str, Any], ...] = ()
   implemented: bool = True
   base: str | None = None
+  front_end: str | None = None
+  comparable_with: str = ""
 
   @property
   def standard(self) -> bool:
@@ -104,7 +126,9 @@ class Protocol:
         "reference": self.reference,
         "num_samples": self.num_samples,
         "params": dict(self.params),
+        "front_end": self.front_end,
         "notes": self.notes,
+        "comparable_with": self.comparable_with,
     }
 
 
@@ -137,14 +161,15 @@ def names() -> list[str]:
 
 def table() -> str:
   """The registry as a Markdown table."""
-  lines = ["| protocol | metric | samples | detector | resize | reference | params |",
-           "|---|---|---|---|---|---|---|"]
+  lines = ["| protocol | metric | samples | detector | resize | reference | params | "
+           "comparable with |",
+           "|---|---|---|---|---|---|---|---|"]
   for name in names():
     p = _REGISTRY[name]
     params = ", ".join(f"{k}={v}" for k, v in p.params) or "-"
     flag = "" if p.implemented else " (not implemented)"
     lines.append(f"| {p.name}{flag} | {p.metric} | {p.num_samples} | {p.detector} | {p.resize} | "
-                 f"{p.reference} | {params} |")
+                 f"{p.reference} | {params} | {p.comparable_with or '-'} |")
   return "\n".join(lines)
 
 
@@ -162,52 +187,79 @@ def same_features(detector_a: str | None, resize_a: str | None, detector_b: str 
 _EDM_REFS = ("EDM fid-refs mu/sigma of the full training set (e.g. cifar10-32x32.npz, "
              "imagenet-64x64.npz, ffhq-64x64.npz, afhqv2-64x64.npz), or stats from "
              "`python -m sid_jax.evaluate make-ref`")
-_DETECTOR_NOTE = ("EDM and SiD run NVIDIA's TorchScript port of the same TF 2015-12-05 graph "
-                  "(input (x - 128) / 128); sid_jax runs pytorch-fid's port (input x / 127.5 - 1), "
-                  "so values agree with the papers' to within the two ports' small difference, "
-                  "not bit for bit.")
+_DETECTOR_NOTE = ("EDM and SiD run NVIDIA's TorchScript port of the TF 2015-12-05 graph; sid_jax "
+                  "runs the same weights (pytorch-fid's port of them) behind the TorchScript's "
+                  "own front-end (TF1 legacy bilinear resize, (x - 128) / 128).")
+_SID_EDM_FIDS = ("SiD's EDM FIDs (sid_spec 9.2: CIFAR-10 uncond 1.923 / cond 1.710, ImageNet-64 "
+                 "1.524, FFHQ-64 1.550, AFHQv2-64 1.628; SiDA's column likewise) when run on 50k "
+                 "EMA samples against EDM's fid-refs; the papers report the mean of 10 such runs")
 
 EDM_FID50K = register(Protocol(
     name="edm-fid50k",
     detector=PYTORCH_FID_POOL3,
-    resize=RESIZE_BILINEAR_299,
+    resize=RESIZE_TF1_BILINEAR_299,
     reference=_EDM_REFS,
     num_samples=50_000,
-    notes=("FID = |mu_g - mu_r|^2 + Tr(S_g + S_r - 2 sqrtm(S_g S_r)) (scipy sqrtm, real part); "
-           "generated covariance divided by N - 1, as EDM's fid.py. " + _DETECTOR_NOTE),
+    notes=("FID = Re(|mu_g - mu_r|^2 + Tr(S_g + S_r - 2 sqrtm(S_g S_r))) (scipy sqrtm, real part, "
+           "no fallback); generated covariance divided by N - 1, as EDM's fid.py. "
+           + _DETECTOR_NOTE),
     metric="fid",
-    params=(("cov_ddof", 1),),
+    params=(("cov_ddof", 1), ("sqrtm", "real")),
+    front_end="tf1-bilinear",
+    comparable_with=("EDM's FIDs (its fid.py), and SiD's EDM FIDs up to the covariance's N - 1 "
+                     "vs N (negligible at 50k; use sid-fid50k-full for SiD's exact rule)"),
 ))
 
 SID_FID50K_FULL = register(Protocol(
     name="sid-fid50k-full",
     detector=PYTORCH_FID_POOL3,
-    resize=RESIZE_BILINEAR_299,
+    resize=RESIZE_TF1_BILINEAR_299,
     reference=_EDM_REFS,
     num_samples=50_000,
     notes=("SiD's fid50k_full (StyleGAN3-style metric code, the protocol of SiD's reported FIDs): "
-           "generated covariance divided by N; samples from G_ema with z = 2.5 randn. "
-           + _DETECTOR_NOTE),
+           "generated covariance divided by N; FID = Re(...) of scipy sqrtm, no fallback; samples "
+           "from G_ema with z = 2.5 randn. " + _DETECTOR_NOTE),
     metric="fid",
-    params=(("cov_ddof", 0),),
+    params=(("cov_ddof", 0), ("sqrtm", "real")),
+    front_end="tf1-bilinear",
+    comparable_with=_SID_EDM_FIDS + ". Not SiD-LSG's COCO FIDs (coco2014-fid30k-clean)",
+))
+
+PYTORCH_FID50K = register(Protocol(
+    name="pytorch-fid50k",
+    detector=PYTORCH_FID_POOL3,
+    resize=RESIZE_BILINEAR_299,
+    reference=("pytorch-fid statistics of the reference set, or `make-ref --fid_protocol "
+               "pytorch-fid50k`"),
+    num_samples=50_000,
+    notes=("pytorch-fid's own front-end (x / 255, torch bilinear, 2x - 1) and its sqrtm rule "
+           "(eps fallback; refuses an imaginary diagonal component > 1e-3); covariances / "
+           "(N - 1). Its numbers differ slightly from the TF / NVIDIA front-end's."),
+    metric="fid",
+    params=(("cov_ddof", 1), ("sqrtm", "pytorch-fid")),
+    front_end="pytorch-fid",
+    comparable_with=("numbers computed with pytorch-fid; not the EDM / SiD / SiD-LSG papers' "
+                     "FIDs (those use the TF / NVIDIA resize or clean-fid)"),
 ))
 
 IS50K = register(Protocol(
     name="is50k",
     detector=PYTORCH_FID_LOGITS,
-    resize=RESIZE_BILINEAR_299,
+    resize=RESIZE_TF1_BILINEAR_299,
     reference="none",
     num_samples=50_000,
     notes=("IS = exp(mean_x KL(p(y|x) || p(y))) per split, p(y) the split's mean; mean and std "
            "over splits (StyleGAN3 / SiD is50k, output bias removed). " + _DETECTOR_NOTE),
     metric="is",
     params=(("splits", 10),),
+    front_end="tf1-bilinear",
+    comparable_with="SiD's is50k (CIFAR-10) with 50k samples",
 ))
 
 PR50K3 = register(Protocol(
     name="pr50k3",
     detector=PYTORCH_FID_POOL3,
-    resize=RESIZE_BILINEAR_299,
+    resize=RESIZE_TF1_BILINEAR_299,
     reference=("pool features of the real reference set (`make-ref --save_features`); SiD's "
                "ImageNet-64 uses up to 200k real images"),
     num_samples=50_000,
@@ -216,12 +268,13 @@ PR50K3 = register(Protocol(
            "(StyleGAN's own pr50k3 uses VGG16); float32 distances here, fp16 in SiD's code."),
     metric="pr",
     params=(("k", 3),),
+    front_end="tf1-bilinear",
 ))
 
 KID50K = register(Protocol(
     name="kid50k",
     detector=PYTORCH_FID_POOL3,
-    resize=RESIZE_BILINEAR_299,
+    resize=RESIZE_TF1_BILINEAR_299,
     reference="pool features of the real reference set (`make-ref --save_features`)",
     num_samples=50_000,
     notes=("Unbiased MMD^2 with the kernel (x.y / d + 1)^3, averaged over random subsets "
@@ -229,6 +282,7 @@ KID50K = register(Protocol(
            "drawn with numpy RandomState(seed)."),
     metric="kid",
     params=(("num_subsets", 100), ("seed", 0), ("subset_size", 1000)),
+    front_end="tf1-bilinear",
 ))
 
 GMM_FRECHET = register(Protocol(
@@ -260,16 +314,24 @@ DIGITS_CLASSIFIER_FD = register(Protocol(
 
 COCO2014_FID30K_CLEAN = register(Protocol(
     name="coco2014-fid30k-clean",
-    detector="clean-fid InceptionV3 (TF weights) pool3, via GigaGAN's evaluation.py",
-    resize=("center crop of the long edge, PIL LANCZOS to 256x256, then clean-fid's own "
-            "resize to 299"),
-    reference="COCO-2014 val2014, all 40,504 images",
+    detector=PYTORCH_FID_POOL3,
+    resize=RESIZE_GIGAGAN_CLEAN_299,
+    reference=("COCO-2014 val2014, all 40,504 images of any size (`make-ref --fid_protocol "
+               "coco2014-fid30k-clean --images val2014/`)"),
     num_samples=30_000,
-    notes=("SiD-LSG's reported text-to-image FID (30k captions, seeds 0-29999; lsg_spec §6.1). "
-           "Registered so that numbers are named; sid_jax does not compute it yet."),
+    notes=("SiD-LSG's reported text-to-image FID (lsg_spec 6.1): GigaGAN's evaluation.py calls "
+           "clean-fid compute_fid(mode 'clean') with its centre-crop + LANCZOS-256 transform on "
+           "both folders; 30k images from seeds 0-29999 with caption line s for seed s; "
+           "covariances / (N - 1); clean-fid's sqrtm rule. clean-fid runs NVIDIA's TorchScript "
+           "layers, sid_jax the same weights."),
     metric="fid",
-    params=(("cov_ddof", 1),),
-    implemented=False,
+    params=(("cov_ddof", 1), ("sqrtm", "clean-fid")),
+    front_end="gigagan-clean-fid",
+    comparable_with=("SiD-LSG's COCO-2014 zero-shot FIDs (lsg_spec: SD1.5 kappa 1.5 8.15, "
+                     "kappa 2 9.56; SD2.1-base 9.52 ...) when the 30k "
+                     "images come from the 30k GigaGAN captions with seeds 0-29999 and the "
+                     "reference is all of val2014; not comparable with the in-repo fid30k_full "
+                     "of SiD-LSG's training code (256x256 reference set, NVIDIA resize)"),
 ))
 
 # Computed by sid_jax.evaluation.clip_score.CLIPScorer (protocol 'sid-lsg' / 'plain').
@@ -292,6 +354,9 @@ COCO2014_CLIP30K_VITG14 = register(Protocol(
            "captions without ftfy."),
     metric="clip",
     params=(("preprocess", "sid-lsg"),),
+    comparable_with=("SiD-LSG's CLIP scores (0.302-0.322) with the ViT-g-14 model and the 30k "
+                     "GigaGAN captions, image of seed s paired with caption line s; up to the "
+                     "tokenizer's caption cleaning (no ftfy)"),
 ))
 
 CLIP_PLAIN = register(Protocol(
@@ -306,6 +371,7 @@ CLIP_PLAIN = register(Protocol(
            "comparable with coco2014-clip30k-vitg14 (other preprocessing, no prompt prefix)."),
     metric="clip",
     params=(("preprocess", "plain"),),
+    comparable_with="nothing published: a training-time signal only",
 ))
 
 # The protocol each `--metrics` entry uses unless another one is asked for.

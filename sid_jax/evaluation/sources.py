@@ -38,6 +38,7 @@ class ImageSource:
     batches: `batches(size)` yields uint8 [n <= size, H, W, C] arrays, in a fixed order.
     notes: caveats recorded with the numbers (layout detected, channels repeated, ...).
     extra: more fields for `describe()`.
+    files: for a folder, the image files in reading order, relative to `path` (not described).
   """
   kind: str
   path: str
@@ -46,6 +47,7 @@ class ImageSource:
   batches: Callable[[int], Iterator[np.ndarray]]
   notes: list[str] = dataclasses.field(default_factory=list)
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+  files: list[str] | None = None
 
   def __post_init__(self):
     channels = self.image_shape[-1]
@@ -55,9 +57,12 @@ class ImageSource:
     if channels == 1:
       self.notes.append("1-channel images repeated to 3 channels before the detector")
 
-  def rgb_batches(self, size: int) -> Iterator[np.ndarray]:
+  def rgb_batches(self, size: int) -> Iterator[Any]:
+    """`batches` with grey repeated to RGB (a mixed-size folder's list batches are RGB already)."""
     for batch in self.batches(size):
-      yield np.repeat(batch, 3, axis=-1) if batch.shape[-1] == 1 else batch
+      if isinstance(batch, np.ndarray) and batch.shape[-1] == 1:
+        batch = np.repeat(batch, 3, axis=-1)
+      yield batch
 
   def describe(self) -> dict[str, Any]:
     return {"kind": self.kind, "path": self.path, "num": self.num,
@@ -108,9 +113,13 @@ def npz_source(path: str, num: int | None) -> ImageSource:
   return ImageSource("npz", os.path.abspath(path), n, tuple(array.shape[1:]), batches, notes)
 
 
-def _read_image(path: str) -> np.ndarray:
+def _read_image(path: str, to_rgb: bool = False) -> np.ndarray:
+  """One image as uint8 [H, W, C]; with `to_rgb`, any mode converted as PIL's convert('RGB')
+  (what clean-fid does with every file it reads)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   with Image.open(path) as im:
+    if to_rgb:
+      return np.asarray(im.convert("RGB"), np.uint8)
     if im.mode not in ("L", "RGB"):
       raise SourceError(f"{path}: image mode {im.mode!r}; expected 'L' (grey) or 'RGB'.")
     array = np.asarray(im, np.uint8)
@@ -130,8 +139,14 @@ def natural_key(path: str) -> tuple[tuple[str | int, ...], str]:
   return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), path
 
 
-def folder_source(directory: str, num: int | None) -> ImageSource:
-  """Images from a folder (recursively, natural-sorted by relative path); one size and mode."""
+def folder_source(directory: str, num: int | None, mixed_sizes: bool = False) -> ImageSource:
+  """Images from a folder (recursively, natural-sorted by relative path).
+
+  By default all images must have one size and mode ('L' or 'RGB'). With `mixed_sizes` (the
+  host-resizing front-end of coco2014-fid30k-clean, e.g. for COCO's val2014) every image is
+  converted to RGB and may have its own size; a batch is then a uint8 array when its images share
+  a size and a list of [H, W, 3] arrays otherwise, and `image_shape` is the first image's.
+  """
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"--images {directory!r} is not a directory.")
   files = []
@@ -140,7 +155,19 @@ def folder_source(directory: str, num: int | None) -> ImageSource:
   files.sort(key=lambda p: natural_key(os.path.relpath(p, directory)))
   n = _take_count(len(files), num, f"--images {directory}")
   files = files[:n]
-  shape = _read_image(files[0]).shape
+  shape = _read_image(files[0], mixed_sizes).shape
+
+  def mixed_batches(size):
+    for start in range(0, n, size):
+      batch = [_read_image(path, True) for path in files[start:start + size]]
+      same = len({image.shape for image in batch}) == 1
+      yield np.stack(batch) if same else batch
+
+  relative = [os.path.relpath(path, directory) for path in files]
+  if mixed_sizes:
+    return ImageSource("images", os.path.abspath(directory), n, tuple(shape), mixed_batches,
+                       ["any image sizes; every image converted to RGB (PIL convert('RGB'))"],
+                       files=relative)
 
   def batches(size):
     for start in range(0, n, size):
@@ -153,7 +180,8 @@ def folder_source(directory: str, num: int | None) -> ImageSource:
         batch.append(image)
       yield np.stack(batch)
 
-  return ImageSource("images", os.path.abspath(directory), n, tuple(shape), batches)
+  return ImageSource("images", os.path.abspath(directory), n, tuple(shape), batches,
+                     files=relative)
 
 
 def tfds_source(spec: str, data_dir: str | None, image_key: str,

@@ -15,6 +15,18 @@ Input convention of `FIDInceptionV3` (as pytorch-fid): float images in [0, 1], a
 RGB; they are resized to 299x299 with torch-compatible bilinear interpolation (align_corners=False,
 no antialiasing) and mapped to [-1, 1]. `preprocess` / `preprocess_uint8` do the same outside the
 network.
+
+The same weights serve three front-ends (`FRONT_ENDS`), which differ only in how uint8 images reach
+the network's 299x299 input; run the network with `resize_input=False, normalize_input=False` on
+their output:
+  'tf1-bilinear'  NVIDIA's TorchScript `inception-2015-12-05.pt`, which EDM, StyleGAN3 and SiD
+                  measure with: uint8 -> float [0, 255], TensorFlow 1's legacy bilinear resize
+                  (`resize_bilinear_tf1`), then (x - 128) / 128 (`preprocess_uint8_tf1`).
+  'pytorch-fid'   pytorch-fid: uint8 / 255, torch's bilinear resize, 2x - 1 (`preprocess_uint8`).
+  'gigagan-clean-fid'  SiD-LSG's COCO FID (GigaGAN's evaluator calling clean-fid's "clean"
+                  mode): resized to 299 on the host with PIL (see
+                  `sid_jax.evaluation.features.gigagan_clean_fid_input`), then (x - 128) / 128
+                  (`preprocess_resized`) on the device.
 """
 
 from __future__ import annotations
@@ -111,6 +123,92 @@ def preprocess_uint8(images_uint8_nhwc: Array) -> Array:
   # A table of correctly rounded v / 255: XLA's float division on CPU can be off by one ulp.
   table = jnp.asarray(np.arange(256, dtype=np.float32) / np.float32(255))
   return preprocess(jnp.take(table, images.astype(jnp.int32)))
+
+
+def _tf1_bilinear_taps(in_size: int, out_size: int):
+  """Source indices and weights of TensorFlow 1's legacy bilinear resize along one axis.
+
+  `tf.compat.v1.image.resize_bilinear(align_corners=False, half_pixel_centers=False)`: the output
+  cell i samples the input at i * in_size / out_size (no half-pixel offset, so the image shifts by
+  half a cell), clamped to the last cell. The coordinates are computed in float32 exactly as TF's
+  kernel does (scale = float(in) / out, position = float(i) * scale), so the weights are TF's.
+  NVIDIA's TorchScript Inception samples the same positions with `grid_sample` on a shifted
+  affine grid (border padding).
+  """
+  scale = np.float32(in_size) / np.float32(out_size)
+  src = np.arange(out_size, dtype=np.float32) * scale
+  floor = np.floor(src)
+  lo = np.clip(floor.astype(np.int64), 0, in_size - 1).astype(np.int32)
+  hi = np.minimum(np.ceil(src).astype(np.int64), in_size - 1).astype(np.int32)
+  frac = (src - floor).astype(np.float32)
+  return lo, hi, frac
+
+
+def resize_bilinear_tf1(images: Array, size: tuple[int, int]) -> Array:
+  """TensorFlow 1's legacy bilinear resize of NHWC float images (no antialiasing).
+
+  Equal to `tf.compat.v1.image.resize_bilinear(images, size, align_corners=False,
+  half_pixel_centers=False)` to float32 rounding: the width is interpolated first, then the
+  height, each as `a + (b - a) * t` with TF's float32 weights (`_tf1_bilinear_taps`). This is the
+  resize inside the TF 2015-12-05 Inception graph and NVIDIA's TorchScript port of it.
+  """
+  images = jnp.asarray(images)
+  if images.ndim != 4:
+    raise ValueError(f"Expected NHWC images, got shape {images.shape}.")
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise TypeError(f"resize_bilinear_tf1 expects float images, got {images.dtype}.")
+  for axis, out_size in ((2, size[1]), (1, size[0])):
+    in_size = images.shape[axis]
+    if in_size == out_size:
+      continue
+    lo, hi, frac = _tf1_bilinear_taps(in_size, out_size)
+    shape = [1] * images.ndim
+    shape[axis] = out_size
+    t = jnp.asarray(frac.reshape(shape), images.dtype)
+    a = jnp.take(images, lo, axis=axis)
+    b = jnp.take(images, hi, axis=axis)
+    images = a + (b - a) * t
+  return images
+
+
+def preprocess_resized(images_0_255: Array) -> Array:
+  """The TF graph's own input mapping, (x - 128) / 128, of float images in [0, 255]."""
+  return (jnp.asarray(images_0_255, jnp.float32) - 128.0) / 128.0
+
+
+def preprocess_uint8_tf1(images_uint8_nhwc: Array) -> Array:
+  """NVIDIA's TorchScript front-end: uint8 NHWC -> float32 [B, 299, 299, 3] network input.
+
+  uint8 -> float [0, 255] (exact), `resize_bilinear_tf1` to 299x299, then (x - 128) / 128, in the
+  order of the TorchScript module (and of the TF graph it was exported from). Feed the result to
+  `FIDInceptionV3(resize_input=False, normalize_input=False)`.
+  """
+  images = jnp.asarray(images_uint8_nhwc)
+  if images.dtype != jnp.uint8:
+    raise TypeError(f"preprocess_uint8_tf1 expects uint8 images, got {images.dtype}.")
+  x = resize_bilinear_tf1(images.astype(jnp.float32), (FID_INPUT_SIZE, FID_INPUT_SIZE))
+  return preprocess_resized(x)
+
+
+# How uint8 images reach the network (see the module docstring). 'gigagan-clean-fid' resizes on
+# the host, so its device part takes float [B, 299, 299, 3] images in [0, 255].
+FRONT_ENDS = ("tf1-bilinear", "pytorch-fid", "gigagan-clean-fid")
+
+
+def front_end_input(images: Array, front_end: str) -> Array:
+  """The network input of `front_end`: uint8 NHWC images, or for 'gigagan-clean-fid' float
+  [B, 299, 299, 3] images in [0, 255] already resized on the host."""
+  if front_end == "tf1-bilinear":
+    return preprocess_uint8_tf1(images)
+  if front_end == "pytorch-fid":
+    return preprocess_uint8(images)
+  if front_end == "gigagan-clean-fid":
+    images = jnp.asarray(images)
+    if images.shape[1:3] != (FID_INPUT_SIZE, FID_INPUT_SIZE):
+      raise ValueError(f"The gigagan-clean-fid front-end takes images resized to {FID_INPUT_SIZE}x"
+                       f"{FID_INPUT_SIZE} on the host, got shape {images.shape}.")
+    return preprocess_resized(images)
+  raise ValueError(f"Unknown Inception front-end {front_end!r}; expected one of {FRONT_ENDS}.")
 
 
 # ---------------------------------------------------------------------------------------------
