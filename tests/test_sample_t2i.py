@@ -126,6 +126,10 @@ def test_default_seeding_matches_the_library_sampler(model, baseline):
   assert record["init_timestep"] == 625 and record["init_timestep_from"] == "network.json"
   assert record["steps"] == 1 and record["timesteps"] == [625]
   assert record["num_images"] == 3 and record["seeding"].startswith("default")
+  # What `evaluate --metrics clip` pairs by: each image's seed, prompt line and prompt.
+  assert data["prompt_lines"].tolist() == SEEDS
+  assert record["images"] == [{"file": f"{s:06d}.png", "seed": s, "prompt_line": s,
+                               "prompt": PROMPTS[s]} for s in SEEDS]
 
 
 def test_images_do_not_depend_on_batch(model, mesh, baseline, tmp_path):
@@ -148,6 +152,7 @@ def test_custom_seed_uses_positions(model, mesh, baseline, tmp_path):
   assert np.any(_png(out, 1) != baseline[0][0])
   data = np.load(os.path.join(out, sample.NPZ_NAME))
   assert data["seeds"].tolist() == SEEDS and data["prompts"].tolist() == PROMPTS[:3]
+  assert data["prompt_lines"].tolist() == [0, 1, 2]
   with pytest.raises(ValueError, match=r"--custom_seed with 5 seeds .* only 4 lines"):
     _run(model, mesh, tmp_path, seeds="10-14", custom_seed=True)
 
