@@ -37,10 +37,12 @@ def feature_moments(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6,
-                     sqrtm_rule: str = "real") -> float:
+                     sqrtm_rule: str = "pytorch-fid") -> float:
   """FD between N(mu1, sigma1) and N(mu2, sigma2) under `sqrtm_rule` (see the module docstring).
 
-  `eps` is the identity multiple of the 'pytorch-fid' and 'clean-fid' fallback.
+  FID protocols pass their own rule (`metrics.protocol_fid`); the default, pytorch-fid's, serves
+  the non-Inception Fréchet distances (gmm-frechet, digits-classifier-fd). `eps` is the identity
+  multiple of the 'pytorch-fid' and 'clean-fid' fallback.
 
   Raises:
     ImaginaryComponentError: 'pytorch-fid' only, as pytorch-fid raises.
