@@ -157,6 +157,13 @@ def _last_good(ckpt: checkpoints.Checkpointer) -> str:
   return f"The last good checkpoint is step {last} in {ckpt.directory}."
 
 
+def _grid_scale(run: run_lib.Run) -> int:
+  """Grid PNGs are enlarged to about 128 pixels a side: the generator's output size (decoded
+  pixels for EDM2; a text-to-image generator has none of its own: the step's shape)."""
+  shape = getattr(run.generator, "image_shape", None) or run.setup.image_shape
+  return max(1, 128 // int(shape[0]))
+
+
 def _grid_samples(run: run_lib.Run, params, teacher_params) -> tuple[np.ndarray, int, int]:
   """The sample grid's raw generator outputs (before uint8), and its rows and columns."""
   seeds, conditions, rows, cols = run_lib.grid_inputs(run)
@@ -289,7 +296,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
     grid = run_lib.sample_grid(run, state.generator_ema, teacher_params)
     if is_main:
       path = os.path.join(workdir, "samples", f"{tag}_{step:08d}.png")
-      images.save_png(path, grid, scale=max(1, 128 // run.generator.image_shape[0]))
+      images.save_png(path, grid, scale=_grid_scale(run))
       writer.write_images(step, {"samples": grid[None]})
     return result
 
@@ -378,7 +385,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
         grid = run_lib.sample_grid(run, state.generator_ema, teacher_params)
         if is_main:
           images.save_png(os.path.join(workdir, "samples", f"grid_{step:08d}.png"), grid,
-                          scale=max(1, 128 // run.generator.image_shape[0]))
+                          scale=_grid_scale(run))
       if step % config.checkpoint.every_steps == 0:
         judge(*pending)
         pending = None
