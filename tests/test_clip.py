@@ -361,6 +361,9 @@ def test_clip_score_sid_lsg_matches_gigagan(clip_torch, clip_flax, tokenizers, s
   # The reference tokenizes like OpenAI's `tokenize` (pads with id 0) after html-unescaping.
   cleaned = [clip_score.clean_caption(c) for c in captions]
   assert cleaned[0] == "a red square & a cat"
+  # OpenAI's basic_clean: ftfy first (mojibake, curly quotes), then html twice, ends stripped.
+  assert clip_score.clean_caption("  a caf\u00c3\u00a9 &amp;amp; \u201cdog\u201d ") == 'a café & "dog"'
+
   ref = _torch_cosines(torch_model, pixels, _gigagan_tokens(tokenizers["!"], cleaned))
   assert result["per_image"].shape == (3,) and _max_err(result["per_image"], ref) < TOL
   assert result["mean"] == pytest.approx(float(np.mean(ref)), abs=TOL)

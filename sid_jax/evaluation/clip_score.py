@@ -78,8 +78,15 @@ def load_tokenizer(folder: str | os.PathLike):
 
 
 def clean_caption(text: str) -> str:
-  """OpenAI CLIP's text cleaning without ftfy: HTML entities unescaped twice, ends stripped."""
-  return html.unescape(html.unescape(text)).strip()
+  """OpenAI CLIP's text cleaning (`basic_clean`): ftfy's `fix_text` (mojibake, curly quotes,
+  ligatures), HTML entities unescaped twice, ends stripped; the fast tokenizer then folds
+  whitespace and case as OpenAI's `whitespace_clean` and BPE do."""
+  try:
+    import ftfy  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError("CLIP scores need ftfy (requirements.txt) to clean captions as OpenAI's "
+                      "CLIP does.") from e
+  return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
 
 
 def tokenize(tokenizer, captions: Sequence[str], prefix: str = "",
