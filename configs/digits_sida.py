@@ -43,6 +43,7 @@ def get_config(arg=None):
   c.sida.generator_frozen_kimg = 5.0
   c.sida.gan_start_kimg = 10.0
   c.sida.init_generator = arg.sid2a
+  c.sida.sid2a = bool(arg.sid2a)
   c.optim.fake_lr = 1e-4
   c.optim.gen_lr = 1e-4
   c.optim.fake_clip_value = 1.0

@@ -167,7 +167,8 @@ RESUMABLE_CHANGES = (
     "teacher.checkpoint", "teacher.official_name", "teacher.official_url", "teacher.architecture",
     "teacher_training.num_steps", "teacher_training.export_dir",
     # The dataset's location and read-ahead (its content is checked by the feed's state).
-    "data.path", "data.data_dir", "data.read_threads", "data.prefetch",
+    "data.path", "data.data_dir", "data.read_threads", "data.prefetch", "data.official_name",
+    "sida.official_init",
 )
 
 _ABSENT = "<absent>"

@@ -7,6 +7,9 @@ A config file in `configs/` defines `get_config(arg)`; `arg` is the text after t
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 
@@ -34,6 +37,16 @@ def parse_arg(arg: str | None, **defaults):
     else:
       out[key] = kind(value)
   return ml_collections.ConfigDict(out)
+
+
+def load_sibling(here: str, name: str):
+  """The config file `name` beside the config file `here` (its __file__), loaded as --config
+  loads it (configs/ is not a package): for configs that build on another's tables."""
+  path = os.path.join(os.path.dirname(os.path.abspath(here)), name)
+  spec = importlib.util.spec_from_file_location(f"_config_{os.path.splitext(name)[0]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -64,6 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.worker_count = 0
   c.data.read_threads = 2
   c.data.prefetch = 0
+  # Documentation only: the dataset file a paper config expects (named when path is missing).
+  c.data.official_name = ""
 
   # The teacher: an analytic mixture ('gmm') or a converted network checkpoint ('network').
   c.teacher = ml_collections.ConfigDict()

@@ -302,13 +302,15 @@ class TfdsSource:
 class DigitsSource:
   """scikit-learn's 8x8 digits (float pixels already in [-1, 1]) and their classes; `split`
   'all' (the 1,797 images the digits teacher was trained on) or 'a' / 'b' (the fixed halves of
-  `digits.split_halves`)."""
+  `digits.split_halves`). `channels` > 1 repeats the grey channel (grey RGB digits, or a
+  4-channel stand-in for latents): the real data of the paper configs' `:tiny` variants, which
+  run the SiDA code path on a CPU without files."""
 
   kind = "float"
   num_classes = 10
   vector_labels = False
 
-  def __init__(self, split: str = "all"):
+  def __init__(self, split: str = "all", channels: int = 1):
     from sid_jax.data import digits  # pylint: disable=g-import-not-at-top
     if split == "all":
       self.images, self.labels = digits.load_digits()
@@ -317,7 +319,12 @@ class DigitsSource:
     else:
       raise ValueError(f"config.data.split for the digits must be 'all', 'a' or 'b', got "
                        f"{split!r}.")
-    self.path = f"digits ({split})"
+    if channels < 1:
+      raise ValueError(f"config.data.channels must be >= 1 for the digits, got {channels}.")
+    if channels > 1:
+      self.images = np.repeat(self.images[..., :1], channels, axis=-1)
+    self.channels = channels
+    self.path = f"digits ({split})" if channels == 1 else f"digits ({split}, {channels} channels)"
     self.split = split
     self.names = None
     self.image_shape = tuple(self.images.shape[1:])
@@ -333,7 +340,9 @@ class DigitsSource:
     return {"x": self.images[i], "label": np.int64(self.labels[i])}
 
   def __repr__(self) -> str:
-    return f"DigitsSource({self.split}, records={len(self)})"
+    if self.channels == 1:
+      return f"DigitsSource({self.split}, records={len(self)})"
+    return f"DigitsSource({self.split}, records={len(self)}, channels={self.channels})"
 
 
 class LabelsJson:
@@ -662,10 +671,12 @@ def open_source(config):
   if kind not in SOURCES:
     raise ValueError(f"config.data.source={kind!r} is not one of {', '.join(SOURCES)}.")
   if kind == "digits":
-    return DigitsSource(d.get("split", "") or "all")
+    return DigitsSource(d.get("split", "") or "all", channels=int(d.get("channels", 1)))
   if not path:
+    official = d.get("official_name", "")
     raise ValueError(f"config.data.source={kind!r} needs config.data.path (the "
-                     f"{'tfds dataset name' if kind == 'tfds' else 'zip file'}).")
+                     f"{'tfds dataset name' if kind == 'tfds' else 'zip file'}"
+                     + (f"; this config's data: {official}" if official else "") + ").")
   if kind == "edm_zip":
     return EDMImageZip(path)
   if kind == "edm2_latent_zip":

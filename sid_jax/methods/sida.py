@@ -64,6 +64,11 @@ def config_section() -> ml_collections.ConfigDict:
   # official SiD generator pickle (.pkl, entry `init_generator_key`).
   s.init_generator = ""
   s.init_generator_key = "ema"
+  # SiD²A configs (configs/sida_edm.py:...,sid2a) set `sid2a`: the run then refuses to start
+  # without init_generator, and the error names the official SiD generator (`official_init`, the
+  # URL the official script passes as --sid_model) to download and pass.
+  s.sid2a = False
+  s.official_init = ""
   return s
 
 
@@ -92,6 +97,14 @@ def check_config(config, abstract: bool = False) -> None:
   if not config.data.get("source", ""):
     raise ValueError("config.data.source is empty: SiDA trains its discriminator on real images "
                      "(config.data.source / config.data.path, sid_jax/data/real.py).")
+  if s.get("sid2a", False) and not s.init_generator and not abstract:
+    official = s.get("official_init", "")
+    raise ValueError(
+        "SiD²A starts its generator from a SiD generator, but config.sida.init_generator is "
+        "empty: pass --config.sida.init_generator=PATH (a sid_jax SiD run's workdir or "
+        "generator/ export, or an official SiD generator pickle"
+        + (f", e.g. the one the paper's run starts from: {official}" if official else "")
+        + ").")
   if s.init_generator and not abstract:
     generator_source(s.init_generator)  # raises FileNotFoundError naming the setting
 
