@@ -21,11 +21,12 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 # The slowest files first: with `pytest -n 2 --dist loadfile` (make test) workers take files in
 # collection order, so a long file collected last would run alone at the end.
-_SLOW_FILES = ("test_multiprocess.py", "test_digits.py", "test_lsg_run.py", "test_train.py",
-               "test_evaluate.py",
-               "test_gmm_distill.py", "test_paper_configs.py", "test_cli.py", "test_steps.py",
-               "test_lsg.py", "test_nets_edm.py", "test_sample_t2i.py", "test_scale.py",
-               "test_plan.py", "test_precision.py")
+_SLOW_FILES = ("test_resume.py", "test_sida.py", "test_multiprocess.py", "test_digits.py",
+               "test_lsg_run.py", "test_sida_configs.py", "test_train.py", "test_install.py",
+               "test_nonfinite.py", "test_evaluate.py", "test_gmm_distill.py",
+               "test_paper_configs.py", "test_cli.py", "test_data_real.py", "test_steps.py",
+               "test_lsg_step.py", "test_lsg.py", "test_nets_edm.py", "test_sample_t2i.py",
+               "test_fid_protocols.py", "test_scale.py", "test_plan.py", "test_precision.py")
 
 
 def pytest_collection_modifyitems(items):
