@@ -96,9 +96,13 @@ def metric_table(run: run_lib.Run, final_params) -> list[dict]:
     heun = (run.teacher.denoiser, run.teacher.params, run.config.eval.teacher_heun_steps)
   # SiD²A starts from a SiD generator (run.generator_init_params), SiD and SiDA from the teacher.
   start = run.init_params if run.generator_init_params is None else run.generator_init_params
-  name = "SiDA" if run.config.method == "sida" else "SiD"
+  name = "SiD"
+  if run.config.method == "sida":
+    name = "SiDA" if run.generator_init_params is None else "SiD²A"
+  first = ("one-step generator at initialisation" if run.generator_init_params is None
+           else "one-step generator at initialisation (the SiD generator)")
   return digits_eval.metric_table(run.generator, seeds, classes,
-                                  [("one-step generator at initialisation", start),
+                                  [(first, start),
                                    (f"one-step generator after {name} (EMA)", final_params)],
                                   teacher=heun, batch=run.config.eval.batch, mesh=run.mesh)
 
