@@ -15,6 +15,7 @@ from diffusers import AutoencoderKL as TorchAutoencoderKL
 from sid_jax import generators, images, models
 from sid_jax.convert import __main__ as convert_cli
 from sid_jax.models import latent_decoder
+from tests import test_nets_sd_vae
 
 # Two levels: 8x8x4 latents -> 16x16x3 images. Every parameter redrawn (not diffusers' init).
 CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
@@ -24,18 +25,7 @@ ATOL = 1e-4  # float32, as tests/test_nets_sd_vae.py
 
 
 def _torch_vae(seed: int) -> TorchAutoencoderKL:
-  torch.manual_seed(seed)
-  vae = TorchAutoencoderKL(**CONFIG).eval()
-  with torch.no_grad():
-    for name, p in vae.named_parameters():
-      noise = torch.randn_like(p)
-      if p.ndim > 1:
-        p.copy_(noise / np.sqrt(p[0].numel()))
-      elif name.endswith(".weight"):
-        p.copy_(1.0 + 0.1 * noise)
-      else:
-        p.copy_(0.1 * noise)
-  return vae
+  return test_nets_sd_vae._random_torch_vae(seed, **CONFIG)
 
 
 def _edm2_decode(vae: TorchAutoencoderKL, x_nhwc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -26,6 +26,7 @@ from sid_jax import checkpoints, models, steps, train
 from sid_jax import run as run_lib
 from tests import configs_util
 from tests.test_data_real import write_edm2_zip, write_edm_zip
+from tests.test_paper_configs import _get
 
 ONE_DEVICE = jax.devices()[:1]
 SID_URL = "https://huggingface.co/UT-Austin-PML/SiD/resolve/main/"
@@ -80,13 +81,6 @@ METHOD_KEYS = ("method", "sid.alpha", "sid.sigma_init", "sid.tmax", "sid.p_mean"
                "ema.halflife_kimg", "ema.rampup", "model.init_from", "model.class_name",
                "data.channels", "sida.adv_loss_scale", "sida.gan_loss_scale", "sida.sid2a",
                "sida.official_init")
-
-
-def _get(config, dotted):
-  node = config
-  for part in dotted.split("."):
-    node = node[part]
-  return node
 
 
 @pytest.mark.parametrize("sid2a", [False, True], ids=["sida", "sid2a"])
