@@ -44,7 +44,6 @@ import numpy as np
 
 from sid_jax import checkpoints, cli, images, progress, sharding
 from sid_jax import run as run_lib
-from sid_jax import sample as sample_lib
 from sid_jax.data import prompts as prompts_lib
 from sid_jax.evaluation import clip_score
 from sid_jax.evaluation import features as features_lib
@@ -338,7 +337,7 @@ def paired_captions(inputs: ClipInputs, source: ImageSource, num: int | None) ->
   seeds = None
   if FLAGS.seeds:
     try:
-      seeds = sample_lib.parse_seeds(FLAGS.seeds)
+      seeds = cli.parse_seeds(FLAGS.seeds)
     except ValueError as e:
       raise EvaluationError(str(e)) from None
   try:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import zipfile
 from typing import Any, Sequence
 
@@ -60,21 +59,7 @@ CLASS_BATCH = generators.ClassGenerator.default_batch
 T2I_BATCH = generators.TextToImageGenerator.default_batch
 
 
-def parse_seeds(text: str) -> list[int]:
-  """'0-3,7,10-11' -> [0, 1, 2, 3, 7, 10, 11]."""
-  seeds = []
-  for part in text.split(","):
-    part = part.strip()
-    m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-    if not m:
-      raise ValueError(f"Bad --seeds entry {part!r}: use e.g. 0-49999 or 1,5,9.")
-    lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-    if hi < lo:
-      raise ValueError(f"Bad --seeds range {part!r}: the end is before the start.")
-    seeds.extend(range(lo, hi + 1))
-  if not seeds:
-    raise ValueError("--seeds is empty.")
-  return seeds
+parse_seeds = cli.parse_seeds  # '0-3,7,10-11' -> [0, 1, 2, 3, 7, 10, 11]
 
 
 def assign_prompts(seeds: Sequence[int], prompt_lines: Sequence[str], path: str,
