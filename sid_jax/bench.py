@@ -3,13 +3,14 @@
 Prints one JSON line: compile seconds, seconds per distillation iteration (psi step + theta step +
 EMA), generated images per second (one-step sampling alone; SiD-LSG: with text encoding and VAE
 decoding) and training images per second, peak host memory, XLA's per-iteration buffer sizes and
-FLOP count, and the device set-up. Nothing is written to
+FLOP count, the device set-up and the XLA flags in force. Nothing is written to
 disk; timings are medians over N iterations after one warm-up iteration.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -92,6 +93,7 @@ def benchmark(config, steps: int) -> dict:
                  "label_dim": config.data.label_dim, "global_batch": config.training.global_batch,
                  "micro_batch": config.training.micro_batch},
       "backend": jax.default_backend(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),  # sid_jax adds its XLA:CPU flag: xla_cpu.py
       "devices": jax.device_count(),
       "mesh": dict(run.mesh.shape),
       "compile_seconds": round(compile_s, 3),
