@@ -2,17 +2,15 @@
 
 Prints one JSON line: compile seconds, seconds per distillation iteration (psi step + theta step +
 EMA), generated images per second (one-step sampling alone; SiD-LSG: with text encoding and VAE
-decoding) and training images per second, peak host memory, XLA's per-iteration buffer sizes and
-FLOP count, the device set-up and the XLA flags in force. Nothing is written to
-disk; timings are medians over N iterations after one warm-up iteration.
+decoding) and training images per second, host memory (peak; resident after the compile and
+after the iterations), XLA's per-iteration buffer sizes and FLOP count, the device set-up and the
+XLA flags in force. Nothing is written to disk; timings are medians over N iterations after one warm-up iteration.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
-import sys
 import time
 
 from absl import app, flags
@@ -21,6 +19,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from sid_jax import cli
+from sid_jax import host_memory
 from sid_jax import run as run_lib
 
 
@@ -30,9 +29,8 @@ config_flags.DEFINE_config_file("config", None, "Config file to benchmark.", fla
 flags.DEFINE_integer("steps", 5, "Timed iterations (after one warm-up).", flag_values=FLAGS)
 
 
-def _peak_rss_mb() -> float:
-  kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return kb / 1024.0 if sys.platform != "darwin" else kb / 2**20
+def _round(mb):
+  return None if mb is None else round(mb, 1)
 
 
 def benchmark(config, steps: int) -> dict:
@@ -45,6 +43,7 @@ def benchmark(config, steps: int) -> dict:
   t0 = time.perf_counter()
   compiled = run_lib.compile_train_step(run, state, teacher_params, key)
   compile_s = time.perf_counter() - t0
+  after_compile_mb = host_memory.rss_mb()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
 
@@ -60,6 +59,9 @@ def benchmark(config, steps: int) -> dict:
     jax.block_until_ready(state)
     times.append(time.perf_counter() - t)
   iter_s = float(np.median(times))
+  training_mb = host_memory.rss_mb()
+  # (the kernel's peak counter may trail the resident size just read by a few pages)
+  training_peak_mb = max(host_memory.peak_rss_mb(), training_mb or 0.0, after_compile_mb or 0.0)
 
   # Sampling: one batch of the run's generator (text-to-image: decoded by the VAE).
   batch = config.eval.batch
@@ -101,7 +103,12 @@ def benchmark(config, steps: int) -> dict:
       "train_images_per_second": round(config.training.global_batch / iter_s, 2),
       "generated_images_per_second": round(batch / sample_s, 2),
       "flops_per_iteration": float(cost.get("flops", float("nan"))),
-      "peak_host_memory_mb": round(_peak_rss_mb(), 1),
+      # Host memory, MiB: the process's peak (after sampling too), its peak by the end of the
+      # timed iterations, and its resident size after the compile and after the iterations.
+      "peak_host_memory_mb": round(max(host_memory.peak_rss_mb(), training_peak_mb), 1),
+      "host_memory_mb": {"peak_training": round(training_peak_mb, 1),
+                         "after_compile": _round(after_compile_mb),
+                         "after_iterations": _round(training_mb)},
       # XLA's buffer sizes of one compiled iteration (per device, MiB): the device memory a run
       # needs beside the parameters it is given.
       "iteration_memory_mb": memory,

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sid_jax import generators, images, methods, models, optim, sharding, steps
+from sid_jax import generators, host_memory, images, methods, models, optim, sharding, steps
 from sid_jax.data import digits as digits_data
 from sid_jax.evaluation import in_loop
 
@@ -217,8 +217,11 @@ def lower_train_step(run: Run, state, teacher_params, key):
 
 
 def compile_train_step(run: Run, state, teacher_params, key):
-  """The compiled iteration (see `lower_train_step`)."""
-  return lower_train_step(run, state, teacher_params, key).compile()
+  """The compiled iteration (see `lower_train_step`). The compiler's freed heap goes back to the
+  system afterwards (`host_memory.release`)."""
+  compiled = lower_train_step(run, state, teacher_params, key).compile()
+  host_memory.release()
+  return compiled
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ import numpy as np
 import optax
 
 import sid_jax
-from sid_jax import checkpoints, images, sharding
+from sid_jax import checkpoints, host_memory, images, sharding
 from sid_jax import run as run_lib
 from sid_jax.evaluation import digits as digits_eval
 
@@ -302,6 +302,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
       path = os.path.join(workdir, "samples", f"{tag}_{step:08d}.png")
       images.save_png(path, grid, scale=_grid_scale(run))
       writer.write_images(step, {"samples": grid[None]})
+    host_memory.release()  # what the evaluation's compiles and host arrays freed
     return result
 
   if start == 0:

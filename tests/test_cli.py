@@ -56,6 +56,9 @@ def test_bench_reports_the_numbers(capsys):
     assert result[key] > 0, key
   assert result["devices"] == jax.device_count() and result["method"] == "sid"
   assert result["iteration_memory_mb"]["argument"] > 0  # XLA's buffer sizes
+  host = result["host_memory_mb"]
+  assert 0 < host["after_compile"] <= host["peak_training"] <= result["peak_host_memory_mb"]
+  assert 0 < host["after_iterations"] <= host["peak_training"]
   assert result["xla_flags"] == os.environ.get("XLA_FLAGS", "")  # the flags the timing ran under
   json.dumps(result)  # one JSON line
   with pytest.raises(ValueError, match="--steps"):

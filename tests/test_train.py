@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from ml_collections import config_flags  # noqa: F401  (ensures the flag machinery imports)
 
-from sid_jax import checkpoints, steps, train
+from sid_jax import checkpoints, host_memory, steps, train
 from sid_jax import run as run_lib
 from tests import configs_util
 
@@ -49,7 +49,10 @@ class StopAfter(train.StopRequest):
     pass
 
 
-def test_tiny_run_writes_config_logs_samples_checkpoints(tmp_path):
+def test_tiny_run_writes_config_logs_samples_checkpoints(tmp_path, monkeypatch):
+  released = []
+  real_release = host_memory.release
+  monkeypatch.setattr(host_memory, "release", lambda: released.append(1) or real_release())
   config = configs_util.load("gmm_sid.py", "tiny")
   summary = train.distill(config, str(tmp_path))
   assert summary["status"] == "done" and summary["step"] == 6
@@ -60,6 +63,7 @@ def test_tiny_run_writes_config_logs_samples_checkpoints(tmp_path):
   assert summary["checkpoint_steps"] == [3, 6]
   pngs = sorted(os.listdir(tmp_path / "samples"))
   assert pngs[0] == "grid_00000000.png" and pngs[-1] == "grid_00000006.png"
+  assert len(released) == 1 + len(pngs)  # freed heap returned after the compile and each evaluation
   records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert {r["kind"] for r in records} == {"train", "eval"}
   assert all(np.isfinite(r["gen_loss"]) for r in records if r["kind"] == "train")
