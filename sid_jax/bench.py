@@ -4,7 +4,8 @@ Prints one JSON line: compile seconds, seconds per distillation iteration (psi s
 EMA), generated images per second (one-step sampling alone; SiD-LSG: with text encoding and VAE
 decoding) and training images per second, host memory (peak; resident after the compile and
 after the iterations), XLA's per-iteration buffer sizes and FLOP count, the device set-up and the
-XLA flags in force. Nothing is written to disk; timings are medians over N iterations after one warm-up iteration.
+XLA flags in force. Nothing is written to disk; timings are medians over N iterations after one
+warm-up iteration.
 """
 
 from __future__ import annotations
