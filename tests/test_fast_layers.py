@@ -148,6 +148,17 @@ def test_resampling_has_no_convolution(taps):
     assert "conv_general_dilated" not in names
 
 
+@pytest.mark.parametrize("mode", ["down", "up"])
+def test_box_resampling_and_its_gradient_add_slices_instead_of_reducing(mode):
+  # A reduce_sum over the 2x2 window axes (what autodiff makes of the repetition) ran ~100x slower
+  # than four strided slices added elementwise on XLA:CPU (bench B: 0.3 s of a 6 s iteration).
+  fn = {"down": layers.downsample, "up": layers.upsample}[mode]
+  x = jnp.zeros((2, 8, 8, 16))
+  ct = jnp.ones(jax.eval_shape(lambda x: fn(x, (1, 1), 0), x).shape)
+  names = [name for name, _ in _primitives(jax.grad(lambda x: jnp.vdot(fn(x, (1, 1), 0), ct)), x)]
+  assert "reduce_sum" not in names and "add" in names, names
+
+
 @pytest.mark.parametrize("taps", [(1, 1), (1, 3, 3, 1)])
 def test_edm2_resample_matches_depthwise_convolution(taps):
   x = jax.random.normal(jax.random.key(1), (2, 8, 6, 5))
