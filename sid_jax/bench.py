@@ -30,10 +30,6 @@ config_flags.DEFINE_config_file("config", None, "Config file to benchmark.", fla
 flags.DEFINE_integer("steps", 5, "Timed iterations (after one warm-up).", flag_values=FLAGS)
 
 
-def _round(mb):
-  return None if mb is None else round(mb, 1)
-
-
 def benchmark(config, steps: int) -> dict:
   if steps <= 0:
     raise ValueError(f"--steps must be positive, got {steps}.")
@@ -62,7 +58,7 @@ def benchmark(config, steps: int) -> dict:
   iter_s = float(np.median(times))
   training_mb = host_memory.rss_mb()
   # (the kernel's peak counter may trail the resident size just read by a few pages)
-  training_peak_mb = max(host_memory.peak_rss_mb(), training_mb or 0.0, after_compile_mb or 0.0)
+  training_peak_mb = max(host_memory.peak_rss_mb(), training_mb, after_compile_mb)
 
   # Sampling: one batch of the run's generator (text-to-image: decoded by the VAE).
   batch = config.eval.batch
@@ -108,8 +104,8 @@ def benchmark(config, steps: int) -> dict:
       # timed iterations, and its resident size after the compile and after the iterations.
       "peak_host_memory_mb": round(max(host_memory.peak_rss_mb(), training_peak_mb), 1),
       "host_memory_mb": {"peak_training": round(training_peak_mb, 1),
-                         "after_compile": _round(after_compile_mb),
-                         "after_iterations": _round(training_mb)},
+                         "after_compile": round(after_compile_mb, 1),
+                         "after_iterations": round(training_mb, 1)},
       # XLA's buffer sizes of one compiled iteration (per device, MiB): the device memory a run
       # needs beside the parameters it is given.
       "iteration_memory_mb": memory,

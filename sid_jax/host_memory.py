@@ -19,6 +19,8 @@ import functools
 import resource
 import sys
 
+import psutil
+
 
 @functools.cache
 def _malloc_trim():
@@ -50,11 +52,6 @@ def peak_rss_mb() -> float:
   return kb / 1024.0 if sys.platform != "darwin" else kb / 2**20  # macOS reports bytes
 
 
-def rss_mb() -> float | None:
-  """The process's resident memory now, MiB (None where /proc is not available)."""
-  try:
-    with open("/proc/self/statm") as f:
-      pages = int(f.read().split()[1])
-  except (OSError, IndexError, ValueError):
-    return None
-  return pages * resource.getpagesize() / 2**20
+def rss_mb() -> float:
+  """The process's resident memory now, MiB."""
+  return psutil.Process().memory_info().rss / 2**20
